@@ -1,0 +1,331 @@
+"""Recipes: YAML (+ ``defaults:`` includes, ``--set a.b=c`` overrides) -> validated, typed config.
+
+Every error is a :class:`ConfigError` whose message is one line naming the key path, the bad value
+and what is allowed; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, create_model
+
+from openworld.registry import BACKBONES, DATASETS, SCENARIOS, STRATEGIES, RegistryError
+
+# Strategy-entry keys that are not constructor parameters.
+_ENTRY_KEYS = {"strategy", "defaults"}
+
+
+class ConfigError(ValueError):
+    """Invalid recipe; ``str(err)`` is the one-line message shown to the user."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Schema
+# ------------------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")  # source-specific options are checked by the loader
+    source: str
+    root: str | None = None
+    download: bool = False
+
+
+class ScenarioConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")  # scenario parameters are checked against its signature
+    kind: str
+    data: DataConfig
+
+
+class BackboneConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")  # backbone options are checked against its factory
+    name: str
+
+
+class OptimizerSection(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5.0e-4, ge=0)
+
+
+class BaseSection(_Strict):
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 128
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
+    milestones: list[NonNegativeInt] = []
+    gamma: float = Field(0.1, gt=0)
+    temperature: float = Field(16.0, gt=0)
+    selection: Literal["val", "last", "test"] = "val"
+
+
+class MetricsSection(_Strict):
+    session_acc: Literal["sample", "batch_mean"] = "sample"
+    hm_rounding: bool = False
+    chunk_size: PositiveInt = 100
+    topk: list[PositiveInt] = [5]
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    scenario: ScenarioConfig
+    backbone: BackboneConfig
+    base: BaseSection = BaseSection()
+    strategies: dict[str, dict[str, Any]] = Field(min_length=1)
+    seeds: list[NonNegativeInt] = Field([0], min_length=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: str = "runs"
+    protocol: Literal["ours", "paper"] = "ours"
+    amp: bool = False
+    log_every: PositiveInt = 50
+    eval_batch_size: PositiveInt = 256
+    num_workers: NonNegativeInt = 0
+    metrics: MetricsSection = MetricsSection()
+
+    def strategy_class(self, entry: str):
+        return STRATEGIES.get(self.strategies[entry].get("strategy", entry))
+
+    def strategy_params(self, entry: str) -> dict[str, Any]:
+        return {k: v for k, v in self.strategies[entry].items() if k not in _ENTRY_KEYS}
+
+    def scenario_params(self) -> dict[str, Any]:
+        params = self.scenario.model_dump()
+        params.pop("kind")
+        return params
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _with_includes(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'defaults:' include")
+    data = _read_yaml(path, "recipe")
+    includes = data.pop("defaults", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = deep_merge(merged, _with_includes((path.parent / inc), seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key.path=value (e.g. --set base.epochs=5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, text: str) -> None:
+    path, value = parse_override(text)
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def preset_dirs(recipe_path: Path) -> list[Path]:
+    here = recipe_path.resolve().parent
+    return [here.parent / "strategies", here / "strategies", Path.cwd() / "strategies"]
+
+
+def _resolve_strategy_defaults(data: dict, recipe_path: Path) -> None:
+    strategies = data.get("strategies")
+    if not isinstance(strategies, dict):
+        return
+    for key, entry in list(strategies.items()):
+        if entry is None:
+            strategies[key] = entry = {}
+        if not isinstance(entry, dict):
+            raise ConfigError(f"strategies.{key} = {entry!r}: expected a mapping of parameters (use {{}} for defaults)")
+        preset = entry.get("defaults")
+        if preset is None:
+            continue
+        dirs = preset_dirs(recipe_path)
+        for d in dirs:
+            f = d / f"{preset}.yaml"
+            if f.is_file():
+                strategies[key] = deep_merge(_read_yaml(f, "strategy preset"), entry)
+                break
+        else:
+            raise ConfigError(
+                f"strategies.{key}.defaults = {preset!r}: no preset {preset}.yaml in {', '.join(map(str, dirs))}"
+            )
+
+
+def _apply_protocol(data: dict) -> None:
+    """``protocol: paper`` sets every 'released code' value the recipe does not set itself."""
+    if data.get("protocol") != "paper":
+        return
+    data.setdefault("base", {}).setdefault("selection", "test")
+    metrics = data.setdefault("metrics", {})
+    metrics.setdefault("session_acc", "batch_mean")
+    metrics.setdefault("hm_rounding", True)
+    for key, entry in (data.get("strategies") or {}).items():
+        try:
+            cls = STRATEGIES.get(entry.get("strategy", key))
+        except RegistryError:
+            continue  # reported by validation
+        for k, v in getattr(cls, "paper_protocol", {}).items():
+            entry.setdefault(k, v)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = Path(path)
+    data = _with_includes(path)
+    for text in overrides:
+        apply_override(data, text)
+    _resolve_strategy_defaults(data, path)
+    _apply_protocol(data)
+    return validate_recipe(data)
+
+
+def validate_recipe(data: dict) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, Recipe)) from None
+    _check_components(recipe)
+    return recipe
+
+
+# ------------------------------------------------------------------------------------------------
+# Messages
+# ------------------------------------------------------------------------------------------------
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        args = [a for a in typing.get_args(ann) if isinstance(a, type)]
+        current = ann if isinstance(ann, type) else (args[0] if args else None)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    path = prefix + ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(model, loc[:-1])
+        return f"{path}: unknown key; allowed: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"{path}: required key is missing"
+    return f"{path} = {err.get('input')!r}: {err['msg']}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Component checks: registered names, and parameters against each component's signature
+# ------------------------------------------------------------------------------------------------
+def signature_model(func, name: str, skip: set[str] = frozenset()) -> tuple[type[BaseModel], list[str]]:
+    """A pydantic model of ``func``'s keyword parameters (types from annotations, defaults kept)."""
+    target = func.__init__ if inspect.isclass(func) else func
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolved annotations in a plugin: fall back to untyped
+        hints = {}
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(target).parameters.values():
+        if p.name in ("self", *skip) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        ann = hints.get(p.name, Any)
+        default = ... if p.default is inspect.Parameter.empty else p.default
+        fields[p.name] = (ann, default)
+    model = create_model(f"{name}_params", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields)
+    return model, list(fields)
+
+
+def check_params(func, params: dict, path: str, skip: set[str] = frozenset()) -> dict:
+    model, allowed = signature_model(func, path.replace(".", "_"), skip)
+    try:
+        validated = model.model_validate(params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(
+                f"{path}.{err['loc'][0]}: unknown parameter; allowed: {', '.join(allowed) or '(none)'}"
+            ) from None
+        raise ConfigError(format_validation_error(exc, model, prefix=f"{path}.")) from None
+    return {k: getattr(validated, k) for k in params}
+
+
+def _get(registry, name: str, path: str):
+    try:
+        return registry.get(name)
+    except RegistryError as exc:
+        raise ConfigError(f"{path} = {name!r}: {exc}") from None
+
+
+def _check_components(recipe: Recipe) -> None:
+    scenario_cls = _get(SCENARIOS, recipe.scenario.kind, "scenario.kind")
+    check_params(scenario_cls, recipe.scenario_params(), "scenario", skip={"seed"})
+    loader = _get(DATASETS, recipe.scenario.data.source, "scenario.data.source")
+    options = {k: v for k, v in recipe.scenario.data.model_dump().items() if k not in ("source", "root", "download")}
+    check_params(loader, options, "scenario.data", skip={"root", "download"})
+    backbone = recipe.backbone.model_dump()
+    factory = _get(BACKBONES, backbone.pop("name"), "backbone.name")
+    check_params(factory, backbone, "backbone", skip={"in_channels", "input_size"})
+    kind = getattr(scenario_cls, "kind", recipe.scenario.kind)
+    for key, entry in recipe.strategies.items():
+        where = f"strategies.{key}.strategy" if "strategy" in entry else f"strategies.{key}"
+        cls = _get(STRATEGIES, entry.get("strategy", key), where)
+        check_params(cls, recipe.strategy_params(key), f"strategies.{key}")
+        supports = getattr(cls, "supports", frozenset())
+        if kind not in supports:
+            raise ConfigError(
+                f"strategies.{key}: strategy {getattr(cls, 'name', key)!r} does not support scenario kind {kind!r} "
+                f"(it supports: {', '.join(sorted(supports)) or 'nothing'})"
+            )

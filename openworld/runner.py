@@ -1,0 +1,432 @@
+"""The experiment loop: strategies × seeds × sessions, evaluation, logging, checkpoints, resume.
+
+Nothing here is setting-specific. A (strategy, seed) run that raises — a NaN loss, a bug, missing
+data — is recorded as failed in its own ``results.json`` and the other runs go on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from openworld.cache import Cache, atomic_torch_save, atomic_write_bytes
+from openworld.config import Recipe
+from openworld.data.views import batches
+from openworld.logging import TensorBoardLogger, flatten, format_table, write_json, write_metrics_csv
+from openworld.metrics import History, MetricsEngine, harmonic_mean
+from openworld.registry import SCENARIOS
+from openworld.scenarios.base import EvalSet, Scenario
+from openworld.strategies.base import RunContext, TrainConfig, stable_hash
+
+# Cross-session and headline metrics shown in the summary table, per scenario kind (metrics.md §10).
+HEADLINES = {
+    "fscil": ["avg", "pd", "last", "hm"],
+    "cil": ["avg_acc_tasks", "forgetting", "acc", "aia"],
+}
+
+
+@dataclass
+class RunResult:
+    strategy: str
+    seed: int
+    status: str
+    run_dir: Path
+    summary: dict = field(default_factory=dict)
+    sessions: list = field(default_factory=list)
+    reason: str | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine (use --device cpu)")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def environment_info(device: torch.device) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {p: version(p) for p in ("openworld", "torch", "torchvision", "timm", "numpy", "scikit-learn",
+                                               "scipy", "torchmetrics", "pytorch-metric-learning")},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": commit,
+        "argv": sys.argv,
+    }
+
+
+def _finite_or_none(v: float | None) -> float | None:
+    return None if v is None or not math.isfinite(v) else v
+
+
+class Runner:
+    """Runs every (strategy, seed) of a recipe; see :meth:`run`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        out: str | Path | None = None,
+        resume: bool = False,
+        device: str | None = None,
+        strategies: list[str] | None = None,
+        seeds: list[int] | None = None,
+        progress: bool = True,
+        tensorboard: bool = True,
+        cache_dir: str | Path | None = None,
+        stream=None,
+        stop_after_session: int | None = None,
+    ):
+        self.recipe = recipe
+        self.out = Path(out or recipe.output) / recipe.name
+        self.resume = resume
+        self.device = resolve_device(device or recipe.device)
+        unknown = [s for s in (strategies or []) if s not in recipe.strategies]
+        if unknown:
+            raise ValueError(f"--strategies: {', '.join(unknown)} not in the recipe; allowed: {', '.join(recipe.strategies)}")
+        self.strategies = strategies or list(recipe.strategies)
+        self.seeds = seeds if seeds is not None else list(recipe.seeds)
+        self.progress = progress
+        self.tensorboard = tensorboard
+        self.cache = Cache(cache_dir or Path(out or recipe.output) / ".cache")
+        self.stream = stream or sys.stdout
+        self.stop_after_session = stop_after_session  # testing hook: simulates a kill after session i
+        self._scenarios: dict[tuple, Scenario] = {}
+        self._memo: dict = {}  # base models shared by strategies within this process
+
+    # ------------------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def scenario(self, seed: int) -> Scenario:
+        cls = SCENARIOS.get(self.recipe.scenario.kind)
+        params = self.recipe.scenario_params()
+        if "seed" in inspect.signature(cls.__init__).parameters:
+            params["seed"] = seed
+        key = (json.dumps(params, sort_keys=True, default=str),)
+        if key not in self._scenarios:
+            self._scenarios[key] = cls(**params)
+        return self._scenarios[key]
+
+    def run(self) -> list[RunResult]:
+        self.say(
+            f"openworld: recipe {self.recipe.name!r} · {len(self.strategies)} strateg{'y' if len(self.strategies) == 1 else 'ies'}"
+            f" × {len(self.seeds)} seed(s) on {self.device} → {self.out}"
+        )
+        results = [self.run_one(entry, seed) for entry in self.strategies for seed in self.seeds]
+        self.say("")
+        self.say(summary_table(results, self.recipe.scenario.kind))
+        failed = [r for r in results if r.status == "failed"]
+        for r in failed:
+            self.say(f"FAILED {r.strategy} seed {r.seed}: {r.reason} (details: {r.run_dir / 'error.log'})")
+        self.say(f"\nTensorBoard: tensorboard --logdir {self.out}")
+        return results
+
+    # ------------------------------------------------------------------------------------------
+    def run_dir(self, entry: str, seed: int) -> Path:
+        return self.out / entry / f"seed{seed}"
+
+    def run_one(self, entry: str, seed: int) -> RunResult:
+        run_dir = self.run_dir(entry, seed)
+        results_path = run_dir / "results.json"
+        if self.resume and results_path.is_file():
+            prev = json.loads(results_path.read_text())
+            if prev.get("status") == "finished":
+                self.say(f"{entry} seed {seed}: already finished, skipped (--resume)")
+                return RunResult(entry, seed, "finished", run_dir, prev.get("summary", {}), prev.get("sessions", []))
+        if not self.resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"strategy": entry, "seed": seed, "status": "running", "sessions": []}
+        self._tb = None
+        try:
+            return self._run(entry, seed, run_dir, record)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # failure isolation: this run is marked failed, the others go on
+            reason = f"{type(exc).__name__}: {exc}"
+            atomic_write_bytes(run_dir / "error.log", traceback.format_exc().encode())
+            record.update(status="failed", reason=reason)
+            write_json(results_path, record)
+            self.say(f"{entry} seed {seed}: FAILED — {reason}")
+            return RunResult(entry, seed, "failed", run_dir, {}, record.get("sessions", []), reason)
+        finally:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+
+    def _run(self, entry: str, seed: int, run_dir: Path, record: dict) -> RunResult:
+        recipe = self.recipe
+        seed_everything(seed)
+        scenario = self.scenario(seed)
+        description = scenario.describe()
+        fingerprint = stable_hash(description)
+        cls = recipe.strategy_class(entry)
+        params = recipe.strategy_params(entry)
+        strategy = cls(**params)
+        kind = scenario.kind
+        if kind not in cls.supports:
+            raise ValueError(f"strategy {entry!r} does not support scenario kind {kind!r}")
+
+        resolved = recipe.to_dict()
+        resolved["strategies"] = {entry: recipe.strategies[entry]}
+        resolved["seed"] = seed
+        resolved["device"] = str(self.device)
+        resolved["strategy_params"] = strategy.get_params()
+        import yaml
+
+        atomic_write_bytes(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+        write_json(run_dir / "environment.json", environment_info(self.device))
+        write_json(run_dir / "splits.json", description)
+
+        # Resume: the latest finished session's checkpoint.
+        start, ckpt = 0, None
+        ckpt_dir = run_dir / "checkpoints"
+        if self.resume and ckpt_dir.is_dir():
+            done = sorted(int(p.stem.split("_")[1]) for p in ckpt_dir.glob("session_*.pt"))
+            if done:
+                ckpt = torch.load(ckpt_dir / f"session_{done[-1]}.pt", map_location="cpu", weights_only=True)
+                start = done[-1] + 1
+
+        tb = self._tb = TensorBoardLogger(run_dir, purge_step=start if start else None, enabled=self.tensorboard)
+        ctx = RunContext(
+            device=self.device,
+            seed=seed,
+            scenario={"kind": kind, "num_classes": scenario.num_classes, "input_shape": scenario.input_shape,
+                      "num_sessions": scenario.num_sessions, "fingerprint": fingerprint},
+            backbone=recipe.backbone.model_dump(),
+            base=TrainConfig.from_dict(recipe.base.model_dump()),
+            cache=self.cache,
+            amp=recipe.amp,
+            log_every=recipe.log_every,
+            progress=self.progress,
+            eval_batch_size=recipe.eval_batch_size,
+            num_workers=recipe.num_workers,
+            log_scalar=tb.scalar,
+            memo=self._memo,
+        )
+        strategy.setup(ctx)
+        history = History(kind="cil" if kind == "cil" else "fscil",
+                          session_acc="acc" if recipe.metrics.session_acc == "sample" else "batch_mean")
+        sessions_out: list[dict] = []
+        raw: list[dict] = []
+        if ckpt is not None:
+            strategy.load_state_dict(ckpt["strategy"])
+            sessions_out = json.loads(ckpt["sessions_json"])
+            raw = json.loads(ckpt["raw_json"])
+            ctx.global_step = int(ckpt["global_step"])
+            for r in raw:
+                history.record(r["index"], r["metrics"].get("test", {}))
+        features: dict = {}
+        flags = {"selection": recipe.base.selection, "protocol": recipe.protocol,
+                 "session_acc": recipe.metrics.session_acc, "hm_rounding": recipe.metrics.hm_rounding}
+        record.update(
+            recipe=recipe.name, scenario=kind, strategy_class=f"{cls.__module__}.{cls.__qualname__}",
+            params=strategy.get_params(), flags=flags, transductive=bool(cls.transductive),
+            split_fingerprint=fingerprint, sessions=sessions_out,
+        )
+        if recipe.base.selection == "test":
+            record["warning"] = "base-session epochs selected on the TEST set (protocol: paper) — not a clean result"
+
+        bar = ctx.progress_bar(total=scenario.num_sessions, desc=f"{entry} seed {seed}", unit="session", leave=True,
+                               initial=start)
+        for session in scenario.sessions():
+            visible = session.visible()
+            if session.index < start:
+                strategy.restore_session(visible)
+                continue
+            t0 = time.perf_counter()
+            ctx.start_session(session.index)
+            if recipe.base.selection == "test" and "test" in session.eval_sets:
+                ctx.selection_override = session.eval_sets["test"].data
+            strategy.learn(visible)
+            ctx.selection_override = None
+            train_s = time.perf_counter() - t0
+            metrics, confusion, per_class = {}, {}, {}
+            for set_name, eval_set in session.eval_sets.items():
+                m, cm, pc = self.evaluate(strategy, eval_set, scenario.num_classes, features)
+                metrics[set_name], confusion[set_name], per_class[set_name] = m, cm, pc
+            if recipe.metrics.hm_rounding and "test" in metrics:
+                _round_hm(metrics["test"])
+            if "test" in metrics:
+                metrics["test"].update(history.record(session.index, metrics["test"]))
+            raw.append({"index": session.index, "metrics": metrics})
+            rec = {
+                "index": session.index,
+                "name": session.name,
+                "num_seen_classes": len(session.classes.seen),
+                "new_classes": list(session.classes.new),
+                "metrics": {s: {k: _finite_or_none(v * 100) for k, v in m.items()} for s, m in metrics.items()},
+                "per_class_acc": {s: [_finite_or_none(v * 100) for v in pc] for s, pc in per_class.items()},
+                "confusion": confusion,
+                "train_seconds": round(train_s, 3),
+                "eval_seconds": round(time.perf_counter() - t0 - train_s, 3),
+            }
+            sessions_out.append(rec)
+            for set_name, m in rec["metrics"].items():
+                for name, value in m.items():
+                    tb.scalar(f"eval/{set_name}/{name}", value, session.index)
+                tb.histogram(f"eval/{set_name}/per_class_acc", rec["per_class_acc"][set_name], session.index)
+            tb.flush()
+            atomic_torch_save(
+                {"strategy": strategy.state_dict(), "sessions_json": json.dumps(sessions_out),
+                 "raw_json": json.dumps(raw), "global_step": ctx.global_step},
+                run_dir / "checkpoints" / f"session_{session.index}.pt",
+            )
+            write_json(run_dir / "results.json", record)
+            write_metrics_csv(run_dir / "metrics.csv", sessions_out)
+            bar.update(1)
+            acc = rec["metrics"].get("test", {}).get("acc")
+            if acc is not None:
+                bar.set_postfix(acc=f"{acc:.1f}")
+            if self.stop_after_session is not None and session.index >= self.stop_after_session:
+                raise KeyboardInterrupt(f"stopped after session {session.index} (stop_after_session)")
+        bar.close()
+
+        summary = run_summary(sessions_out)
+        record.update(status="finished", summary=summary)
+        hp = flatten({k: v for k, v in resolved.items() if k not in ("strategies",)})
+        hp.update({f"strategy.{k}": v for k, v in strategy.get_params().items()})
+        hp.update(strategy=entry, scenario=kind, seed=seed, device=str(self.device), **flags)
+        last = sessions_out[-1]["index"] if sessions_out else 0
+        hmetrics = {f"hparam/test/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+        tb.hparams(hp, hmetrics, last)
+        tb.close()
+        write_json(run_dir / "results.json", record)
+        return RunResult(entry, seed, "finished", run_dir, summary, sessions_out)
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, strategy, eval_set: EvalSet, num_classes: int, features: dict):
+        """Predictions of ``strategy`` on one eval set, scored by the engine; labels stay here."""
+        device = self.device
+        groups = {k: list(v) for k, v in eval_set.groups.items()}
+        engine = MetricsEngine(num_classes, device=device, groups=groups, topk=tuple(self.recipe.metrics.topk),
+                               chunk_size=self.recipe.metrics.chunk_size)
+        allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        allowed[list(eval_set.classes)] = True
+        data = eval_set.data
+        bs = self.recipe.eval_batch_size
+        key = strategy.feature_cache_key()
+        root, idx = getattr(data, "origin", (data, None))
+        if key is not None:
+            cache_key = (key, id(root))
+            if cache_key not in features:
+                feats = [strategy.encode(xb) for xb, _ in batches(root, bs, device=device,
+                                                                  num_workers=self.recipe.num_workers)]
+                features[cache_key] = (root, torch.cat(feats))  # keep root alive: its id stays unique
+            root_feats = features[cache_key][1]
+            z_all = root_feats if idx is None else root_feats[idx.to(device)]
+            y_all = data.targets.to(device)
+            stream = ((strategy.predict_features(z_all[i:i + bs]), y_all[i:i + bs]) for i in range(0, len(y_all), bs))
+        else:
+            stream = ((strategy.predict(xb), yb) for xb, yb in batches(data, bs, device=device,
+                                                                        num_workers=self.recipe.num_workers))
+        for pred, yb in stream:
+            logits = pred.logits.float()
+            if logits.shape[1] > num_classes:
+                raise ValueError(f"strategy returned {logits.shape[1]} logit columns for {num_classes} classes")
+            if logits.shape[1] < num_classes:
+                pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), float("-inf"))
+                logits = torch.cat([logits, pad], dim=1)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            engine.update(logits.argmax(dim=1), yb, logits)
+        metrics = engine.compute()
+        cm = engine.confusion()
+        seen = list(eval_set.classes)
+        per_class = engine.per_class()[seen].tolist()
+        return metrics, cm[seen][:, seen].tolist(), per_class
+
+
+def _round_hm(m: dict) -> None:
+    """``hm_rounding`` (released TEEN code): base/novel rounded to 3 decimals in % before the HM."""
+    base, novel = m.get("acc_base"), m.get("acc_novel")
+    if base is None or novel is None or not (math.isfinite(base) and math.isfinite(novel)):
+        return
+    b, n = round(base * 100, 3), round(novel * 100, 3)
+    m["hm"] = round(harmonic_mean(b, n), 3) / 100
+
+
+def run_summary(sessions: list[dict]) -> dict:
+    """Run-level values (×100) from the last session's running metrics, plus per-session accuracy."""
+    if not sessions:
+        return {}
+    test = [s["metrics"].get("test", {}) for s in sessions]
+    last = test[-1]
+    out = {k: last.get(k) for k in ("avg", "pd", "last") if k in last}
+    for k in ("acc", "acc_base", "acc_novel", "hm", "acc_balanced"):
+        if k in last:
+            out[f"{k}_last" if k != "acc" else "acc_last"] = last[k]
+    out["acc_per_session"] = [t.get("acc") for t in test]
+    return out
+
+
+def _mean_std(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.2f}"
+    return f"{statistics.mean(vals):.2f}±{statistics.stdev(vals):.2f}"
+
+
+def summary_table(results: list[RunResult], kind: str) -> str:
+    """Per strategy: mean ± std over seeds of per-session accuracy and the headline metrics."""
+    by_strategy: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_strategy.setdefault(r.strategy, []).append(r)
+    n_sessions = max((len(r.summary.get("acc_per_session", [])) for r in results), default=0)
+    heads = {"fscil": ["avg", "pd", "last", "hm_last"]}.get(kind, ["acc_last"])
+    headers = ["strategy", "seeds"] + [f"s{i}" for i in range(n_sessions)] + heads
+    rows = []
+    for name, runs in by_strategy.items():
+        ok = [r for r in runs if r.status == "finished"]
+        row: list[Any] = [name, f"{len(ok)}/{len(runs)}"]
+        for i in range(n_sessions):
+            row.append(_mean_std([r.summary.get("acc_per_session", [None] * n_sessions)[i]
+                                  if i < len(r.summary.get("acc_per_session", [])) else None for r in ok]))
+        for h in heads:
+            row.append(_mean_std([r.summary.get(h) for r in ok]))
+        rows.append(row)
+    return format_table(headers, rows, title="Session accuracy (%, test) and summary — mean±std over seeds")
