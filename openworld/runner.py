@@ -283,10 +283,12 @@ class Runner:
             strategy.learn(visible)
             ctx.selection_override = None
             train_s = time.perf_counter() - t0
-            metrics, confusion, per_class = {}, {}, {}
+            metrics, confusion, per_class, heads = {}, {}, {}, {}
             for set_name, eval_set in session.eval_sets.items():
-                m, cm, pc = self.evaluate(strategy, eval_set, scenario.num_classes, features)
+                m, cm, pc, head = self.evaluate(strategy, eval_set, scenario.num_classes, features)
                 metrics[set_name], confusion[set_name], per_class[set_name] = m, cm, pc
+                if head != "default":
+                    heads[set_name] = head
             if recipe.metrics.hm_rounding and "test" in metrics:
                 _round_hm(metrics["test"])
             if "test" in metrics:
@@ -300,6 +302,7 @@ class Runner:
                 "metrics": {s: {k: _finite_or_none(v * 100) for k, v in m.items()} for s, m in metrics.items()},
                 "per_class_acc": {s: [_finite_or_none(v * 100) for v in pc] for s, pc in per_class.items()},
                 "confusion": confusion,
+                **({"reported_head": heads} if heads else {}),
                 "train_seconds": round(train_s, 3),
                 "eval_seconds": round(time.perf_counter() - t0 - train_s, 3),
             }
@@ -363,20 +366,38 @@ class Runner:
         else:
             stream = ((strategy.predict(xb), yb) for xb, yb in batches(data, bs, device=device,
                                                                         num_workers=self.recipe.num_workers))
+        alt_engines: dict[str, MetricsEngine] = {}
         for pred, yb in stream:
-            logits = pred.logits.float()
-            if logits.shape[1] > num_classes:
-                raise ValueError(f"strategy returned {logits.shape[1]} logit columns for {num_classes} classes")
-            if logits.shape[1] < num_classes:
-                pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), float("-inf"))
-                logits = torch.cat([logits, pad], dim=1)
-            logits = logits.masked_fill(~allowed, float("-inf"))
-            engine.update(logits.argmax(dim=1), yb, logits)
-        metrics = engine.compute()
+            heads = {"default": pred.logits, **(pred.alternatives or {})}
+            for head, logits in heads.items():
+                logits = self._restrict(logits.float(), allowed, num_classes)
+                if head == "default":
+                    engine.update(logits.argmax(dim=1), yb, logits)
+                else:
+                    if head not in alt_engines:
+                        alt_engines[head] = MetricsEngine(num_classes, device=device, groups=groups,
+                                                          topk=tuple(self.recipe.metrics.topk),
+                                                          chunk_size=self.recipe.metrics.chunk_size)
+                    alt_engines[head].update(logits.argmax(dim=1), yb, logits)
+        chosen, metrics = "default", engine.compute()
+        for head, alt in alt_engines.items():  # released-code protocols only (Prediction.alternatives)
+            m = alt.compute()
+            if m["acc"] > metrics["acc"]:
+                chosen, metrics, engine = head, m, alt
         cm = engine.confusion()
         seen = list(eval_set.classes)
         per_class = engine.per_class()[seen].tolist()
-        return metrics, cm[seen][:, seen].tolist(), per_class
+        return metrics, cm[seen][:, seen].tolist(), per_class, chosen
+
+    @staticmethod
+    def _restrict(logits, allowed, num_classes: int):
+        """Pad absent classes with -inf, then mask classes outside the eval set's label space."""
+        if logits.shape[1] > num_classes:
+            raise ValueError(f"strategy returned {logits.shape[1]} logit columns for {num_classes} classes")
+        if logits.shape[1] < num_classes:
+            pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), float("-inf"))
+            logits = torch.cat([logits, pad], dim=1)
+        return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _round_hm(m: dict) -> None:

@@ -372,3 +372,25 @@ def test_history_from_engine_rows():
     h.set_row(0, eng.task_accuracies([[0, 1]]))
     h.set_row(1, eng.task_accuracies([[0, 1], [2, 3]]))
     assert h.acc_matrix()[1].tolist() == pytest.approx([2 / 3, 3 / 4])
+
+
+def test_metrics_package_imports_only_torch_numpy_scipy():
+    """DESIGN §2: openworld.metrics knows nothing of the rest of openworld."""
+    import ast
+    from pathlib import Path
+
+    import openworld.metrics as pkg
+
+    allowed = {"torch", "numpy", "scipy", "torchmetrics", "math", "warnings", "typing", "collections",
+               "__future__", "dataclasses", "functools", "itertools"}
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: inside openworld.metrics
+                    continue
+                roots = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, f"{path.name} imports {roots - allowed}"

@@ -19,6 +19,7 @@ decoded into memory (CIFAR JPEG folders or archives) are cached as ``.npy`` unde
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -32,9 +33,10 @@ import struct
 import tarfile
 import tempfile
 import time
+import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,7 @@ from openworld.data.views import FileData, TensorData, TransformPair
 from openworld.registry import register_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-_DECODER_VERSION = "v1"  # bump when decoding changes, to invalidate cached arrays
+_DECODER_VERSION = "v2"  # bump when decoding changes, to invalidate cached arrays
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -406,23 +408,46 @@ def load_fashion_mnist(root=None, download: bool = False, *, augment: str = "def
 # ----------------------------------------------------------------------------------------------
 # Image decoding + cache (image folders and archives decoded into memory)
 # ----------------------------------------------------------------------------------------------
-def _decode_bytes(data: bytes, where: str, name: str, channels: int) -> np.ndarray:
-    """Decode one image to uint8 HWC with ``channels`` channels."""
+def _tv_decoder() -> Callable | None:
     try:
         from torchvision.io import ImageReadMode, decode_image
+    except ImportError:  # pragma: no cover - torchvision without image decoding
+        return None
 
+    def decode(data: bytes, channels: int) -> np.ndarray:
         mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-        t = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-        return t.permute(1, 2, 0).numpy()
-    except (RuntimeError, ValueError, TypeError):  # formats torchvision cannot decode: fall back to PIL
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode).permute(1, 2, 0).numpy()
+
+    return decode
+
+
+@contextlib.contextmanager
+def _decoder(name: str, channels: int) -> Iterator[Callable[[bytes, str], np.ndarray]]:
+    """A function decoding image bytes to uint8 HWC with ``channels`` channels, for one decoding loop.
+
+    torchvision's libjpeg/libpng decoder is used when available (the same pixels as PIL, faster; its
+    deprecation notice is silenced inside the loop), PIL for anything it cannot decode.
+    """
+    fast = _tv_decoder()
+
+    def decode(data: bytes, where: str) -> np.ndarray:
+        if fast is not None:
+            try:
+                return fast(data, channels)
+            except (RuntimeError, ValueError, TypeError):  # formats torchvision cannot decode: use PIL
+                pass
         try:
             from PIL import Image
 
             with Image.open(io.BytesIO(data)) as img:
                 arr = np.asarray(img.convert("RGB" if channels == 3 else "L"))
-            return arr if arr.ndim == 3 else arr[:, :, None]
-        except Exception as exc:
+        except (OSError, ValueError, SyntaxError) as exc:
             raise _corrupt(name, where, f"cannot decode image ({exc})") from exc
+        return arr if arr.ndim == 3 else arr[:, :, None]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io.*")
+        yield decode
 
 
 def _stack_images(name: str, images: list[np.ndarray], wheres: list[str]) -> np.ndarray:
@@ -451,7 +476,8 @@ class _ArrayCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            splits = {s: (np.load(self.dir / f"{s}_x.npy"), np.load(self.dir / f"{s}_y.npy")) for s in meta["splits"]}
+            names = meta.pop("splits")
+            splits = {s: (np.load(self.dir / f"{s}_x.npy"), np.load(self.dir / f"{s}_y.npy")) for s in names}
         except (OSError, ValueError, KeyError):
             return None  # unreadable cache: decode again
         return splits, meta
@@ -484,15 +510,22 @@ def _class_order(class_names: Sequence[str], canonical: Sequence[str] | None) ->
 def _split_listing(name: str, split_dir: Path, classes: Sequence[str] | None, max_per_class: int | None,
                    extensions: Sequence[str]) -> tuple[list[str], list[Path]]:
     """Class folder names (sorted) and files (class-major, sorted by name) of one split folder."""
-    class_names = classes if classes is not None else sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if classes is None:
+        with os.scandir(split_dir) as it:
+            class_names = sorted(e.name for e in it if e.is_dir())
+    else:
+        class_names = list(classes)
     files: list[Path] = []
     for c in class_names:
         cdir = split_dir / c
         if not cdir.is_dir():
             continue
-        fs = sorted(p for p in cdir.iterdir() if p.suffix.lower() in extensions and p.is_file())
-        files.extend(fs[:max_per_class] if max_per_class else fs)
-    return list(class_names), files
+        with os.scandir(cdir) as it:  # DirEntry.is_file() needs no stat call on most file systems
+            names = sorted(e.name for e in it if os.path.splitext(e.name)[1].lower() in extensions and e.is_file())
+        if max_per_class:
+            names = names[:max_per_class]
+        files.extend(cdir / n for n in names)
+    return class_names, files
 
 
 def _decode_folder_splits(name: str, base: Path, split_dirs: dict[str, Path], canonical: Sequence[str] | None,
@@ -519,16 +552,17 @@ def _decode_folder_splits(name: str, base: Path, split_dirs: dict[str, Path], ca
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     manifest = hashlib.sha256()
-    for split, files in listing.items():
-        imgs, labels, wheres = [], [], []
-        for f in files:
-            data = f.read_bytes()
-            rel = f.relative_to(base).as_posix()
-            manifest.update(f"{sha256_bytes(data)}  {rel}\n".encode())
-            imgs.append(_decode_bytes(data, str(f), name, channels))
-            labels.append(index[f.parent.name])
-            wheres.append(str(f))
-        splits[split] = (_stack_images(name, imgs, wheres), np.asarray(labels, dtype=np.int64))
+    with _decoder(name, channels) as decode:
+        for split, files in listing.items():
+            imgs, labels, wheres = [], [], []
+            for f in files:
+                data = f.read_bytes()
+                rel = f"{split}/{f.parent.name}/{f.name}"
+                manifest.update(f"{sha256_bytes(data)}  {rel}\n".encode())
+                imgs.append(decode(data, str(f)))
+                labels.append(index[f.parent.name])
+                wheres.append(str(f))
+            splits[split] = (_stack_images(name, imgs, wheres), np.asarray(labels, dtype=np.int64))
     meta = {"classes": list(classes), "files_sha256_manifest": manifest.hexdigest(),
             "num_files": sum(len(v) for v in listing.values())}
     store.save(splits, meta)
@@ -574,17 +608,19 @@ def _decode_archive_splits(name: str, archive: Path, canonical: Sequence[str] | 
     splits = {}
     manifest = hashlib.sha256()
     count = 0
-    for split in ("train", "test"):
-        imgs, labels, wheres = [], [], []
-        for c in classes:
-            items = sorted(members[split].get(c, []), key=lambda t: Path(t[0]).name)
-            for member_name, data in items[:max_per_class] if max_per_class else items:
-                manifest.update(f"{sha256_bytes(data)}  {member_name}\n".encode())
-                imgs.append(_decode_bytes(data, f"{archive}:{member_name}", name, channels))
-                labels.append(index[c])
-                wheres.append(member_name)
-                count += 1
-        splits[split] = (_stack_images(name, imgs, wheres), np.asarray(labels, dtype=np.int64))
+    with _decoder(name, channels) as decode:
+        for split in ("train", "test"):
+            imgs, labels, wheres = [], [], []
+            for c in classes:
+                items = sorted(members[split].get(c, []), key=lambda t: Path(t[0]).name)
+                for member_name, data in items[:max_per_class] if max_per_class else items:
+                    rel = f"{split}/{c}/{Path(member_name).name}"
+                    manifest.update(f"{sha256_bytes(data)}  {rel}\n".encode())
+                    imgs.append(decode(data, f"{archive}:{member_name}"))
+                    labels.append(index[c])
+                    wheres.append(member_name)
+                    count += 1
+            splits[split] = (_stack_images(name, imgs, wheres), np.asarray(labels, dtype=np.int64))
     meta = {"classes": list(classes), "files_sha256_manifest": manifest.hexdigest(), "num_files": count,
             "class_order": order}
     store.save(splits, meta)
@@ -653,7 +689,7 @@ def _cifar_from_pickles(name: str, read: Callable[[str], tuple[bytes, str]], lab
     files[spec["meta"]] = sha256_bytes(meta_bytes)
     meta = _unpickle(name, where, meta_bytes)
     names_key = "coarse_label_names" if label_key == "coarse_labels" else spec["names_key"]
-    classes = tuple(str(c) for c in meta.get(names_key, []))
+    classes = tuple(c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(names_key, []))
     if not classes:
         raise _corrupt(name, where, f"no '{names_key}' entry", "download: true")
     return out, classes, files
@@ -1219,14 +1255,14 @@ def synth_hier_arrays(seed_data: int = 0, train_per_class: int = 100, test_per_c
     mu = mu_super[np.arange(num_classes) % num_super] + rng.normal(0.0, 1.0, size=(num_classes, latent_dim))
     a1 = rng.normal(0.0, 1.0 / np.sqrt(latent_dim), size=(latent_dim, hidden_dim))
     a2 = rng.normal(0.0, 1.0 / np.sqrt(hidden_dim), size=(hidden_dim, out_dim))
-    xs_tr, xs_te = [], []
-    for c in range(num_classes):
-        z_tr = mu[c] + rng.normal(0.0, 2.0, size=(train_per_class, latent_dim))
-        z_te = mu[c] + rng.normal(0.0, 2.0, size=(test_per_class, latent_dim))
-        xs_tr.append(np.tanh(z_tr @ a1) @ a2)
-        xs_te.append(np.tanh(z_te @ a1) @ a2)
-    x_tr = np.concatenate(xs_tr).astype(np.float32)
-    x_te = np.concatenate(xs_te).astype(np.float32)
+    z_tr = np.empty((num_classes, train_per_class, latent_dim))
+    z_te = np.empty((num_classes, test_per_class, latent_dim))
+    for c in range(num_classes):  # draw order: class c's train samples, then its test samples
+        z_tr[c] = mu[c] + rng.normal(0.0, 2.0, size=(train_per_class, latent_dim))
+        z_te[c] = mu[c] + rng.normal(0.0, 2.0, size=(test_per_class, latent_dim))
+    # one product for all samples (many small BLAS calls are slow on a busy multi-threaded BLAS)
+    x_tr = (np.tanh(z_tr.reshape(-1, latent_dim) @ a1) @ a2).astype(np.float32)
+    x_te = (np.tanh(z_te.reshape(-1, latent_dim) @ a1) @ a2).astype(np.float32)
     y_tr = np.repeat(np.arange(num_classes, dtype=np.int64), train_per_class)
     y_te = np.repeat(np.arange(num_classes, dtype=np.int64), test_per_class)
     return x_tr, y_tr, x_te, y_te

@@ -34,10 +34,14 @@ class Prediction:
     """``logits[:, c]`` scores class c (columns past ``logits.shape[1]`` are absent classes).
 
     ``unknown_score``: higher = more likely unknown; ``None`` when the strategy has no detector.
+    ``alternatives``: other heads' logits, only for released-code protocols that report the best of
+    several heads on the test set (e.g. TEEN's ``session0_report: max``); the runner then reports
+    the head with the highest accuracy and records which one it was.
     """
 
     logits: Tensor
     unknown_score: Tensor | None = None
+    alternatives: dict[str, Tensor] | None = None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ comparison with TEEN isolates what each method does after the base session.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from openworld.data.views import concat
@@ -27,11 +29,17 @@ class NCM(TEEN):
 
     supports = frozenset({"fscil", "cil"})
 
-    def __init__(self):
-        super().__init__(shift_weight=0.0)
+    def __init__(
+        self,
+        shots_batching: Literal["all", "last_batch"] = "all",
+        shots_batch_size: int = 128,
+        session0_report: Literal["prototype", "max"] = "prototype",
+    ):
+        super().__init__(shift_weight=0.0, shots_batching=shots_batching, shots_batch_size=shots_batch_size,
+                         session0_report=session0_report)
 
     def get_params(self) -> dict:
-        return {}
+        return {k: getattr(self, k) for k in ("shots_batching", "shots_batch_size", "session0_report")}
 
 
 def _check_contiguous(name: str, session) -> int:
