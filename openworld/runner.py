@@ -28,15 +28,19 @@ from openworld.cache import Cache, atomic_torch_save, atomic_write_bytes
 from openworld.config import Recipe
 from openworld.data.views import batches
 from openworld.logging import TensorBoardLogger, flatten, format_table, write_json, write_metrics_csv
-from openworld.metrics import History, MetricsEngine, harmonic_mean
+from openworld.metrics import History, create_engine, harmonic_mean
 from openworld.registry import SCENARIOS
 from openworld.scenarios.base import EvalSet, Scenario
 from openworld.strategies.base import RunContext, TrainConfig, stable_hash
 
-# Cross-session and headline metrics shown in the summary table, per scenario kind (metrics.md §10).
+# Headline metrics of the summary table per scenario kind (metrics.md §10); summary keys.
 HEADLINES = {
     "fscil": ["avg", "pd", "last", "hm"],
     "cil": ["avg_acc_tasks", "forgetting", "acc", "aia"],
+    "gcd": ["unlabelled/all_v2", "unlabelled/old_v2", "unlabelled/new_v2"],
+    "ncd": ["acc", "nmi", "ari"],
+    "long_tail": ["acc", "many", "medium", "few"],
+    "open_set": ["hos", "os_star", "unk", "auroc", "fpr95", "closed_acc"],
 }
 
 
@@ -257,7 +261,11 @@ class Runner:
             raw = json.loads(ckpt["raw_json"])
             ctx.global_step = int(ckpt["global_step"])
             for r in raw:
-                history.record(r["index"], r["metrics"].get("test", {}))
+                test = r["metrics"].get("test", {})
+                row = [test[f"task_{j:02d}/acc"] for j in range(r["index"] + 1) if f"task_{j:02d}/acc" in test]
+                if row:
+                    history.set_row(r["index"], row)
+                history.record(r["index"], {k: v for k, v in test.items() if "/" not in k})
         features: dict = {}
         flags = {"selection": recipe.base.selection, "protocol": recipe.protocol,
                  "session_acc": recipe.metrics.session_acc, "hm_rounding": recipe.metrics.hm_rounding}
@@ -292,7 +300,11 @@ class Runner:
             if recipe.metrics.hm_rounding and "test" in metrics:
                 _round_hm(metrics["test"])
             if "test" in metrics:
-                metrics["test"].update(history.record(session.index, metrics["test"]))
+                test = metrics["test"]
+                row = [test[f"task_{j:02d}/acc"] for j in range(session.index + 1) if f"task_{j:02d}/acc" in test]
+                if row:
+                    history.set_row(session.index, row)
+                test.update(history.record(session.index, {k: v for k, v in test.items() if "/" not in k}))
             raw.append({"index": session.index, "metrics": metrics})
             rec = {
                 "index": session.index,
@@ -300,7 +312,8 @@ class Runner:
                 "num_seen_classes": len(session.classes.seen),
                 "new_classes": list(session.classes.new),
                 "metrics": {s: {k: _finite_or_none(v * 100) for k, v in m.items()} for s, m in metrics.items()},
-                "per_class_acc": {s: [_finite_or_none(v * 100) for v in pc] for s, pc in per_class.items()},
+                "per_class_acc": {s: [_finite_or_none(v * 100) for v in pc] for s, pc in per_class.items()
+                                  if pc is not None},
                 "confusion": confusion,
                 **({"reported_head": heads} if heads else {}),
                 "train_seconds": round(train_s, 3),
@@ -310,7 +323,8 @@ class Runner:
             for set_name, m in rec["metrics"].items():
                 for name, value in m.items():
                     tb.scalar(f"eval/{set_name}/{name}", value, session.index)
-                tb.histogram(f"eval/{set_name}/per_class_acc", rec["per_class_acc"][set_name], session.index)
+                if set_name in rec["per_class_acc"]:
+                    tb.histogram(f"eval/{set_name}/per_class_acc", rec["per_class_acc"][set_name], session.index)
             tb.flush()
             atomic_torch_save(
                 {"strategy": strategy.state_dict(), "sessions_json": json.dumps(sessions_out),
@@ -333,22 +347,34 @@ class Runner:
         hp.update({f"strategy.{k}": v for k, v in strategy.get_params().items()})
         hp.update(strategy=entry, scenario=kind, seed=seed, device=str(self.device), **flags)
         last = sessions_out[-1]["index"] if sessions_out else 0
-        hmetrics = {f"hparam/test/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+        hmetrics = {f"hparam/{k}" if "/" in k else f"hparam/test/{k}": v for k, v in summary.items()
+                    if isinstance(v, (int, float))}
         tb.hparams(hp, hmetrics, last)
         tb.close()
         write_json(run_dir / "results.json", record)
         return RunResult(entry, seed, "finished", run_dir, summary, sessions_out)
 
     # ------------------------------------------------------------------------------------------
+    def _engine(self, eval_set: EvalSet, num_classes: int):
+        kwargs = {"num_classes": num_classes, "device": self.device}
+        if eval_set.task == "classification":
+            kwargs.update(groups={k: list(v) for k, v in eval_set.groups.items()},
+                          topk=tuple(self.recipe.metrics.topk), chunk_size=self.recipe.metrics.chunk_size)
+        kwargs.update({k: v for k, v in eval_set.options.items() if k != "tasks"})
+        return create_engine(eval_set.task, **kwargs)
+
     @torch.no_grad()
     def evaluate(self, strategy, eval_set: EvalSet, num_classes: int, features: dict):
-        """Predictions of ``strategy`` on one eval set, scored by the engine; labels stay here."""
+        """Predictions of ``strategy`` on one eval set, scored by its engine; labels stay here.
+
+        Returns ``(metrics, confusion, per_class, reported_head)``.
+        """
         device = self.device
-        groups = {k: list(v) for k, v in eval_set.groups.items()}
-        engine = MetricsEngine(num_classes, device=device, groups=groups, topk=tuple(self.recipe.metrics.topk),
-                               chunk_size=self.recipe.metrics.chunk_size)
-        allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
-        allowed[list(eval_set.classes)] = True
+        engine = self._engine(eval_set, num_classes)
+        allowed = None
+        if eval_set.classes:
+            allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
+            allowed[list(eval_set.classes)] = True
         data = eval_set.data
         bs = self.recipe.eval_batch_size
         key = strategy.feature_cache_key()
@@ -366,32 +392,37 @@ class Runner:
         else:
             stream = ((strategy.predict(xb), yb) for xb, yb in batches(data, bs, device=device,
                                                                         num_workers=self.recipe.num_workers))
-        alt_engines: dict[str, MetricsEngine] = {}
+        alt_engines: dict = {}
         for pred, yb in stream:
             heads = {"default": pred.logits, **(pred.alternatives or {})}
             for head, logits in heads.items():
                 logits = self._restrict(logits.float(), allowed, num_classes)
                 if head == "default":
-                    engine.update(logits.argmax(dim=1), yb, logits)
+                    engine.observe(logits, yb, pred.unknown_score)
                 else:
                     if head not in alt_engines:
-                        alt_engines[head] = MetricsEngine(num_classes, device=device, groups=groups,
-                                                          topk=tuple(self.recipe.metrics.topk),
-                                                          chunk_size=self.recipe.metrics.chunk_size)
-                    alt_engines[head].update(logits.argmax(dim=1), yb, logits)
+                        alt_engines[head] = self._engine(eval_set, num_classes)
+                    alt_engines[head].observe(logits, yb, pred.unknown_score)
         chosen, metrics = "default", engine.compute()
         for head, alt in alt_engines.items():  # released-code protocols only (Prediction.alternatives)
             m = alt.compute()
             if m["acc"] > metrics["acc"]:
                 chosen, metrics, engine = head, m, alt
-        cm = engine.confusion()
-        seen = list(eval_set.classes)
-        per_class = engine.per_class()[seen].tolist()
-        return metrics, cm[seen][:, seen].tolist(), per_class, chosen
+        if "tasks" in eval_set.options:  # class-incremental: R[t][j] from the same counts
+            for j, acc in enumerate(engine.task_accuracies(eval_set.options["tasks"])):
+                metrics[f"task_{j:02d}/acc"] = acc
+        cm, per_class = engine.confusion(), engine.per_class()
+        if cm is not None and eval_set.classes:
+            seen = list(eval_set.classes)
+            cm, per_class = cm[seen][:, seen], per_class[seen]
+        return (metrics, None if cm is None else cm.tolist(), None if per_class is None else per_class.tolist(),
+                chosen)
 
     @staticmethod
     def _restrict(logits, allowed, num_classes: int):
         """Pad absent classes with -inf, then mask classes outside the eval set's label space."""
+        if allowed is None:
+            return logits
         if logits.shape[1] > num_classes:
             raise ValueError(f"strategy returned {logits.shape[1]} logit columns for {num_classes} classes")
         if logits.shape[1] < num_classes:
@@ -410,16 +441,17 @@ def _round_hm(m: dict) -> None:
 
 
 def run_summary(sessions: list[dict]) -> dict:
-    """Run-level values (×100) from the last session's running metrics, plus per-session accuracy."""
+    """Run-level values (×100): the last session's metrics of ``test`` (including the running
+    cross-session ones: ``avg``, ``pd``, ``last``, …), ``<set>/<metric>`` for other eval sets, and the
+    per-session accuracy."""
     if not sessions:
         return {}
-    test = [s["metrics"].get("test", {}) for s in sessions]
-    last = test[-1]
-    out = {k: last.get(k) for k in ("avg", "pd", "last") if k in last}
-    for k in ("acc", "acc_base", "acc_novel", "hm", "acc_balanced"):
-        if k in last:
-            out[f"{k}_last" if k != "acc" else "acc_last"] = last[k]
-    out["acc_per_session"] = [t.get("acc") for t in test]
+    out: dict[str, Any] = {}
+    for set_name, metrics in sessions[-1]["metrics"].items():
+        for k, v in metrics.items():
+            if "/" not in k:
+                out[k if set_name == "test" else f"{set_name}/{k}"] = v
+    out["acc_per_session"] = [s["metrics"].get("test", {}).get("acc") for s in sessions]
     return out
 
 
@@ -438,7 +470,9 @@ def summary_table(results: list[RunResult], kind: str) -> str:
     for r in results:
         by_strategy.setdefault(r.strategy, []).append(r)
     n_sessions = max((len(r.summary.get("acc_per_session", [])) for r in results), default=0)
-    heads = {"fscil": ["avg", "pd", "last", "hm_last"]}.get(kind, ["acc_last"])
+    heads = HEADLINES.get(kind, ["acc"])
+    if n_sessions <= 1:
+        n_sessions = 0  # single-session scenarios: the headline metrics say it all
     headers = ["strategy", "seeds"] + [f"s{i}" for i in range(n_sessions)] + heads
     rows = []
     for name, runs in by_strategy.items():
@@ -450,4 +484,5 @@ def summary_table(results: list[RunResult], kind: str) -> str:
         for h in heads:
             row.append(_mean_std([r.summary.get(h) for r in ok]))
         rows.append(row)
-    return format_table(headers, rows, title="Session accuracy (%, test) and summary — mean±std over seeds")
+    title = "Session accuracy (%, test) and summary" if n_sessions else "Summary (%)"
+    return format_table(headers, rows, title=f"{title} — mean±std over seeds")

@@ -33,11 +33,14 @@ from .continual import (
     pooled_accuracy,
     task_accuracies,
 )
-from .engine import History, MetricsEngine
+from .engine import ENGINES, History, MetricsEngine, create_engine, register_engine
 
 __all__ = [
+    "ENGINES",
     "History",
     "MetricsEngine",
+    "create_engine",
+    "register_engine",
     "acc_a_triangle",
     "accuracy",
     "aia",

@@ -40,9 +40,30 @@ from .classification import (
     flat_confusion_index,
 )
 
-__all__ = ["History", "MetricsEngine"]
+__all__ = ["ENGINES", "History", "MetricsEngine", "create_engine", "register_engine"]
+
+# Engine kinds by EvalSet.task. Each engine takes ``num_classes`` and ``device`` plus its own keyword
+# options, and implements ``observe(logits, targets, unknown_score=None)`` (one batch, no host sync),
+# ``compute() -> dict[str, float]`` (fractions), ``confusion()`` and ``per_class()`` (CPU tensors or None).
+ENGINES: dict = {}
 
 
+def register_engine(task: str):
+    def decorator(cls):
+        ENGINES[task] = cls
+        return cls
+
+    return decorator
+
+
+def create_engine(task: str, **kwargs):
+    """The engine for an eval set's ``task`` (``"classification"``, …)."""
+    if task not in ENGINES:
+        raise ValueError(f"unknown metrics task {task!r}; allowed: {', '.join(sorted(ENGINES))}")
+    return ENGINES[task](**kwargs)
+
+
+@register_engine("classification")
 class MetricsEngine:
     """Streaming, device-resident classification metrics for one evaluation set.
 
@@ -253,6 +274,10 @@ class MetricsEngine:
     def per_class(self) -> torch.Tensor:
         """Per-class recall (float64 [K], CPU; NaN for classes without a test sample)."""
         return _per_class_t(self._cmx).cpu()
+
+    def observe(self, logits: torch.Tensor, targets, unknown_score: torch.Tensor | None = None) -> None:
+        """The engine protocol: one batch of logits (prediction = argmax; ties to the lower id)."""
+        self.update(None, targets, logits)
 
     def task_accuracies(self, task_classes: Sequence[Sequence[int]]) -> list[float]:
         """R[t][j] for each task's class list (sample-weighted within the task; spec §4)."""

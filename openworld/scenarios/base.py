@@ -46,13 +46,21 @@ class ClassInfo:
 class EvalSet:
     """One evaluation set: data with true labels, held by the runner only.
 
-    ``classes``: the class ids a prediction is restricted to (the runner slices the logits to them).
+    ``classes``: the class ids a prediction is restricted to (the runner masks the other logits);
+    empty = no restriction (e.g. cluster ids in discovery).
     ``groups``: named class subsets for grouped metrics, e.g. ``{"base": …, "novel": …}``.
+    ``task``: which metrics engine scores it (``openworld.metrics.create_engine``):
+    ``"classification"`` (default), or another registered engine kind.
+    ``options``: engine keyword arguments (e.g. ``{"old_classes": …}`` for clustering). The key
+    ``"tasks"`` (a list of class-id lists, one per task seen) makes the runner record the row R[t][·]
+    of the class-incremental accuracy matrix.
     """
 
     data: Data
     classes: tuple[int, ...]
     groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    task: str = "classification"
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
