@@ -34,8 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML, e.g. scenarios/quickstart.yaml")
     run.add_argument("--strategies", type=_csv, help="comma-separated subset of the recipe's strategies")
     run.add_argument("--seeds", type=_seeds, help="comma-separated seeds, overriding the recipe's")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe field, e.g. --set base.epochs=5 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set base.epochs=5 (repeatable)",
+    )
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the recipe's device")
     run.add_argument("--out", help="output root (default: the recipe's `output`, usually runs/)")
     run.add_argument("--resume", action="store_true", help="continue unfinished runs after their last finished session")
@@ -47,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     lst = sub.add_parser("list", help="list registered components")
-    lst.add_argument("what", nargs="?", default="all", choices=["all", "strategies", "scenarios", "datasets", "backbones"])
+    lst.add_argument(
+        "what", nargs="?", default="all", choices=["all", "strategies", "scenarios", "datasets", "backbones"]
+    )
     return parser
 
 
@@ -70,8 +78,13 @@ def cmd_run(args) -> int:
 
     try:
         runner = Runner(
-            recipe, out=args.out, resume=args.resume, strategies=args.strategies, seeds=args.seeds,
-            progress=not args.no_progress and sys.stderr.isatty(), stop_after_session=args.stop_after_session,
+            recipe,
+            out=args.out,
+            resume=args.resume,
+            strategies=args.strategies,
+            seeds=args.seeds,
+            progress=not args.no_progress and sys.stderr.isatty(),
+            stop_after_session=args.stop_after_session,
         )
     except (ValueError, RuntimeError) as exc:
         print(f"openworld: error: {exc}", file=sys.stderr)
@@ -83,8 +96,10 @@ def cmd_run(args) -> int:
 def cmd_validate(args) -> int:
     recipe = _load(args.recipe, args.overrides)
     n = len(recipe.strategies)
-    print(f"{args.recipe}: ok — scenario {recipe.scenario.kind} on {recipe.scenario.data.source}, "
-          f"{n} strateg{'y' if n == 1 else 'ies'} ({', '.join(recipe.strategies)}), seeds {recipe.seeds}")
+    print(
+        f"{args.recipe}: ok — scenario {recipe.scenario.kind} on {recipe.scenario.data.source}, "
+        f"{n} strateg{'y' if n == 1 else 'ies'} ({', '.join(recipe.strategies)}), seeds {recipe.seeds}"
+    )
     return 0
 
 

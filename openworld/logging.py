@@ -11,8 +11,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from openworld.cache import atomic_write_bytes
 
@@ -43,7 +44,9 @@ def write_metrics_csv(path: Path, sessions: Sequence[dict]) -> None:
         for eval_set, metrics in rec.get("metrics", {}).items():
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
-                    w.writerow([rec["index"], eval_set, name, "" if value is None or value != value else f"{value:.6f}"])
+                    w.writerow(
+                        [rec["index"], eval_set, name, "" if value is None or value != value else f"{value:.6f}"]
+                    )
     atomic_write_bytes(Path(path), buf.getvalue().encode())
 
 

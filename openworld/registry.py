@@ -14,8 +14,9 @@ import difflib
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 
 class RegistryError(LookupError):
@@ -77,10 +78,7 @@ class Registry:
         names = self.names()
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return (
-            f"unknown {self.kind} {name!r}{hint}; allowed: {', '.join(names)} "
-            f"or 'package.module:ClassName'"
-        )
+        return f"unknown {self.kind} {name!r}{hint}; allowed: {', '.join(names)} or 'package.module:ClassName'"
 
 
 def _qualname(obj: Any) -> str:

@@ -81,16 +81,31 @@ def environment_info(device: torch.device) -> dict:
             return None
 
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {p: version(p) for p in ("openworld", "torch", "torchvision", "timm", "numpy", "scikit-learn",
-                                               "scipy", "torchmetrics", "pytorch-metric-learning")},
+        "packages": {
+            p: version(p)
+            for p in (
+                "openworld",
+                "torch",
+                "torchvision",
+                "timm",
+                "numpy",
+                "scikit-learn",
+                "scipy",
+                "torchmetrics",
+                "pytorch-metric-learning",
+            )
+        },
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cuda": torch.version.cuda,
@@ -128,7 +143,9 @@ class Runner:
         self.device = resolve_device(device or recipe.device)
         unknown = [s for s in (strategies or []) if s not in recipe.strategies]
         if unknown:
-            raise ValueError(f"--strategies: {', '.join(unknown)} not in the recipe; allowed: {', '.join(recipe.strategies)}")
+            raise ValueError(
+                f"--strategies: {', '.join(unknown)} not in the recipe; allowed: {', '.join(recipe.strategies)}"
+            )
         self.strategies = strategies or list(recipe.strategies)
         self.seeds = seeds if seeds is not None else list(recipe.seeds)
         self.progress = progress
@@ -154,8 +171,9 @@ class Runner:
         return self._scenarios[key]
 
     def run(self) -> list[RunResult]:
+        n = len(self.strategies)
         self.say(
-            f"openworld: recipe {self.recipe.name!r} · {len(self.strategies)} strateg{'y' if len(self.strategies) == 1 else 'ies'}"
+            f"openworld: recipe {self.recipe.name!r} · {n} strateg{'y' if n == 1 else 'ies'}"
             f" × {len(self.seeds)} seed(s) on {self.device} → {self.out}"
         )
         results = [self.run_one(entry, seed) for entry in self.strategies for seed in self.seeds]
@@ -237,8 +255,13 @@ class Runner:
         ctx = RunContext(
             device=self.device,
             seed=seed,
-            scenario={"kind": kind, "num_classes": scenario.num_classes, "input_shape": scenario.input_shape,
-                      "num_sessions": scenario.num_sessions, "fingerprint": fingerprint},
+            scenario={
+                "kind": kind,
+                "num_classes": scenario.num_classes,
+                "input_shape": scenario.input_shape,
+                "num_sessions": scenario.num_sessions,
+                "fingerprint": fingerprint,
+            },
             backbone=recipe.backbone.model_dump(),
             base=TrainConfig.from_dict(recipe.base.model_dump()),
             cache=self.cache,
@@ -251,8 +274,10 @@ class Runner:
             memo=self._memo,
         )
         strategy.setup(ctx)
-        history = History(kind="cil" if kind == "cil" else "fscil",
-                          session_acc="acc" if recipe.metrics.session_acc == "sample" else "batch_mean")
+        history = History(
+            kind="cil" if kind == "cil" else "fscil",
+            session_acc="acc" if recipe.metrics.session_acc == "sample" else "batch_mean",
+        )
         sessions_out: list[dict] = []
         raw: list[dict] = []
         if ckpt is not None:
@@ -267,18 +292,29 @@ class Runner:
                     history.set_row(r["index"], row)
                 history.record(r["index"], {k: v for k, v in test.items() if "/" not in k})
         features: dict = {}
-        flags = {"selection": recipe.base.selection, "protocol": recipe.protocol,
-                 "session_acc": recipe.metrics.session_acc, "hm_rounding": recipe.metrics.hm_rounding}
+        flags = {
+            "selection": recipe.base.selection,
+            "protocol": recipe.protocol,
+            "session_acc": recipe.metrics.session_acc,
+            "hm_rounding": recipe.metrics.hm_rounding,
+        }
         record.update(
-            recipe=recipe.name, scenario=kind, strategy_class=f"{cls.__module__}.{cls.__qualname__}",
-            params=strategy.get_params(), flags=flags, transductive=bool(cls.transductive),
-            split_fingerprint=fingerprint, sessions=sessions_out,
+            recipe=recipe.name,
+            scenario=kind,
+            strategy_class=f"{cls.__module__}.{cls.__qualname__}",
+            params=strategy.get_params(),
+            flags=flags,
+            transductive=bool(cls.transductive),
+            split_fingerprint=fingerprint,
+            splits={k: description[k] for k in ("index_source", "index_files", "class_order") if k in description},
+            sessions=sessions_out,
         )
         if recipe.base.selection == "test":
             record["warning"] = "base-session epochs selected on the TEST set (protocol: paper) — not a clean result"
 
-        bar = ctx.progress_bar(total=scenario.num_sessions, desc=f"{entry} seed {seed}", unit="session", leave=True,
-                               initial=start)
+        bar = ctx.progress_bar(
+            total=scenario.num_sessions, desc=f"{entry} seed {seed}", unit="session", leave=True, initial=start
+        )
         for session in scenario.sessions():
             visible = session.visible()
             if session.index < start:
@@ -312,8 +348,9 @@ class Runner:
                 "num_seen_classes": len(session.classes.seen),
                 "new_classes": list(session.classes.new),
                 "metrics": {s: {k: _finite_or_none(v * 100) for k, v in m.items()} for s, m in metrics.items()},
-                "per_class_acc": {s: [_finite_or_none(v * 100) for v in pc] for s, pc in per_class.items()
-                                  if pc is not None},
+                "per_class_acc": {
+                    s: [_finite_or_none(v * 100) for v in pc] for s, pc in per_class.items() if pc is not None
+                },
                 "confusion": confusion,
                 **({"reported_head": heads} if heads else {}),
                 "train_seconds": round(train_s, 3),
@@ -327,8 +364,12 @@ class Runner:
                     tb.histogram(f"eval/{set_name}/per_class_acc", rec["per_class_acc"][set_name], session.index)
             tb.flush()
             atomic_torch_save(
-                {"strategy": strategy.state_dict(), "sessions_json": json.dumps(sessions_out),
-                 "raw_json": json.dumps(raw), "global_step": ctx.global_step},
+                {
+                    "strategy": strategy.state_dict(),
+                    "sessions_json": json.dumps(sessions_out),
+                    "raw_json": json.dumps(raw),
+                    "global_step": ctx.global_step,
+                },
                 run_dir / "checkpoints" / f"session_{session.index}.pt",
             )
             write_json(run_dir / "results.json", record)
@@ -346,9 +387,14 @@ class Runner:
         hp = flatten({k: v for k, v in resolved.items() if k not in ("strategies",)})
         hp.update({f"strategy.{k}": v for k, v in strategy.get_params().items()})
         hp.update(strategy=entry, scenario=kind, seed=seed, device=str(self.device), **flags)
+        if "index_source" in description:
+            hp["index_source"] = description["index_source"]
         last = sessions_out[-1]["index"] if sessions_out else 0
-        hmetrics = {f"hparam/{k}" if "/" in k else f"hparam/test/{k}": v for k, v in summary.items()
-                    if isinstance(v, (int, float))}
+        hmetrics = {
+            f"hparam/{k}" if "/" in k else f"hparam/test/{k}": v
+            for k, v in summary.items()
+            if isinstance(v, (int, float))
+        }
         tb.hparams(hp, hmetrics, last)
         tb.close()
         write_json(run_dir / "results.json", record)
@@ -358,8 +404,11 @@ class Runner:
     def _engine(self, eval_set: EvalSet, num_classes: int):
         kwargs = {"num_classes": num_classes, "device": self.device}
         if eval_set.task == "classification":
-            kwargs.update(groups={k: list(v) for k, v in eval_set.groups.items()},
-                          topk=tuple(self.recipe.metrics.topk), chunk_size=self.recipe.metrics.chunk_size)
+            kwargs.update(
+                groups={k: list(v) for k, v in eval_set.groups.items()},
+                topk=tuple(self.recipe.metrics.topk),
+                chunk_size=self.recipe.metrics.chunk_size,
+            )
         kwargs.update({k: v for k, v in eval_set.options.items() if k != "tasks"})
         return create_engine(eval_set.task, **kwargs)
 
@@ -370,6 +419,9 @@ class Runner:
         Returns ``(metrics, confusion, per_class, reported_head)``.
         """
         device = self.device
+        if getattr(strategy, "transductive", False):
+            # Transductive strategies (e.g. SADE's test-time aggregation) see the inputs, never the labels.
+            strategy.adapt(eval_set.data.hide_labels())
         engine = self._engine(eval_set, num_classes)
         allowed = None
         if eval_set.classes:
@@ -382,16 +434,22 @@ class Runner:
         if key is not None:
             cache_key = (key, id(root))
             if cache_key not in features:
-                feats = [strategy.encode(xb) for xb, _ in batches(root, bs, device=device,
-                                                                  num_workers=self.recipe.num_workers)]
+                feats = [
+                    strategy.encode(xb)
+                    for xb, _ in batches(root, bs, device=device, num_workers=self.recipe.num_workers)
+                ]
                 features[cache_key] = (root, torch.cat(feats))  # keep root alive: its id stays unique
             root_feats = features[cache_key][1]
             z_all = root_feats if idx is None else root_feats[idx.to(device)]
             y_all = data.targets.to(device)
-            stream = ((strategy.predict_features(z_all[i:i + bs]), y_all[i:i + bs]) for i in range(0, len(y_all), bs))
+            stream = (
+                (strategy.predict_features(z_all[i : i + bs]), y_all[i : i + bs]) for i in range(0, len(y_all), bs)
+            )
         else:
-            stream = ((strategy.predict(xb), yb) for xb, yb in batches(data, bs, device=device,
-                                                                        num_workers=self.recipe.num_workers))
+            stream = (
+                (strategy.predict(xb), yb)
+                for xb, yb in batches(data, bs, device=device, num_workers=self.recipe.num_workers)
+            )
         alt_engines: dict = {}
         for pred, yb in stream:
             heads = {"default": pred.logits, **(pred.alternatives or {})}
@@ -415,8 +473,7 @@ class Runner:
         if cm is not None and eval_set.classes:
             seen = list(eval_set.classes)
             cm, per_class = cm[seen][:, seen], per_class[seen]
-        return (metrics, None if cm is None else cm.tolist(), None if per_class is None else per_class.tolist(),
-                chosen)
+        return (metrics, None if cm is None else cm.tolist(), None if per_class is None else per_class.tolist(), chosen)
 
     @staticmethod
     def _restrict(logits, allowed, num_classes: int):
@@ -479,8 +536,16 @@ def summary_table(results: list[RunResult], kind: str) -> str:
         ok = [r for r in runs if r.status == "finished"]
         row: list[Any] = [name, f"{len(ok)}/{len(runs)}"]
         for i in range(n_sessions):
-            row.append(_mean_std([r.summary.get("acc_per_session", [None] * n_sessions)[i]
-                                  if i < len(r.summary.get("acc_per_session", [])) else None for r in ok]))
+            row.append(
+                _mean_std(
+                    [
+                        r.summary.get("acc_per_session", [None] * n_sessions)[i]
+                        if i < len(r.summary.get("acc_per_session", []))
+                        else None
+                        for r in ok
+                    ]
+                )
+            )
         for h in heads:
             row.append(_mean_std([r.summary.get(h) for r in ok]))
         rows.append(row)

@@ -58,8 +58,12 @@ class SimpleShot(Strategy):
         return Prediction(logits=-torch.cdist(z, self.centroids[: self.num_seen]))
 
     def state_dict(self) -> dict:
-        return {"encoder": self.encoder.state_dict(), "mean": self.mean, "centroids": self.centroids,
-                "num_seen": self.num_seen}
+        return {
+            "encoder": self.encoder.state_dict(),
+            "mean": self.mean,
+            "centroids": self.centroids,
+            "num_seen": self.num_seen,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.encoder = self.ctx.create_backbone().to(self.ctx.device).eval()

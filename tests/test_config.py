@@ -36,9 +36,9 @@ def minimal(**extra) -> dict:
 
 def test_quickstart_validates_and_pulls_presets():
     recipe = load_recipe(QUICKSTART)
-    assert recipe.strategies["teen"]["softmax_t"] == 16  # from strategies/teen.yaml
-    assert recipe.strategies["teen"]["shift_weight"] == 0.5  # the recipe wins over the preset
-    assert recipe.strategy_params("teen") == {"softmax_t": 16, "shift_weight": 0.5}
+    assert recipe.strategy_params("teen") == {"softmax_t": 16, "shift_weight": 0.1}  # strategies/teen.yaml
+    assert recipe.strategy_params("finetune")["epochs"] == 20  # the recipe wins over strategies/finetune.yaml
+    assert recipe.strategy_params("finetune")["momentum"] == 0.9  # …and the preset fills the rest
 
 
 def test_overrides_and_includes(tmp_path):
@@ -63,7 +63,10 @@ def test_paper_protocol_sets_released_values(tmp_path):
         ("device=tpu", "device = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
         ("base.epochz=3", "base.epochz: unknown key; allowed: epochs, batch_size"),
         ("base.optimizer.name=rmsprop", "base.optimizer.name = 'rmsprop'"),
-        ("strategies.teen={softmax_tt: 3}", "strategies.teen.softmax_tt: unknown parameter; allowed: softmax_t, shift_weight"),
+        (
+            "strategies.teen={softmax_tt: 3}",
+            "strategies.teen.softmax_tt: unknown parameter; allowed: softmax_t, shift_weight",
+        ),
         ("strategies.teen={shift_weight: lots}", "strategies.teen.shift_weight = 'lots'"),
         ("strategies.teeen={}", "strategies.teeen = 'teeen': unknown strategy 'teeen' (did you mean 'teen'?)"),
         ("scenario.kind=fscl", "scenario.kind = 'fscl': unknown scenario 'fscl' (did you mean 'fscil'?)"),
@@ -86,7 +89,7 @@ def test_invalid_recipes_name_the_key(override, expected):
 def test_missing_preset_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match=r"strategies.teen.defaults = 'nope': no preset nope.yaml in"):
         load_recipe(write(tmp_path / "r.yaml", minimal(strategies={"teen": {"defaults": "nope"}})))
-    with pytest.raises(ConfigError, match=r"invalid YAML at line 2"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML at line 3, column 1"):
         load_recipe(write(tmp_path / "bad.yaml", "name: x\nscenario: [unclosed\n"))
     with pytest.raises(ConfigError, match="recipe not found"):
         load_recipe(tmp_path / "absent.yaml")
@@ -118,7 +121,9 @@ def test_help_starts_fast():
     # Heavy modules stay unimported: measure the import itself rather than wall time on a loaded CI box.
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, openworld.cli; print('torch' in sys.modules)"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert probe.stdout.strip() == "False"
     assert elapsed < 5.0

@@ -502,3 +502,14 @@ def test_with_transforms_swaps_both_parts():
     assert isinstance(other, SourceData)
     assert other.train.transforms is pair and other.test.transforms is pair
     assert other.train.x is src.train.x
+
+
+def test_omniglot_extracted_folder_equals_zip(tmp_path):
+    d = tmp_path / "omniglot"
+    _omniglot_zip(d / "s.zip", "s", {("Greek", "c1"): 40, ("Greek", "c2"): 80})
+    from_zip = S.load_omniglot(root=tmp_path, archives=("s",), test_drawers=1)
+    with zipfile.ZipFile(d / "s.zip") as zf:
+        zf.extractall(tmp_path / "extracted")
+    from_dir = S.load_omniglot(root=tmp_path / "extracted", archives=("s",), test_drawers=1)
+    assert from_dir.info["format"] == "png folder"
+    assert torch.equal(from_zip.train.x, from_dir.train.x) and from_zip.classes == from_dir.classes

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_recipe(name: str, tmp_path, overrides=(), strategies=None, seeds=None) -> dict[str, list[dict]]:
     recipe = load_recipe(ROOT / "scenarios" / name, list(overrides))
-    out = Runner(recipe, out=tmp_path, progress=False, strategies=strategies, seeds=seeds,
-                 stream=open(tmp_path / "log.txt", "w")).run()
+    out = Runner(
+        recipe, out=tmp_path, progress=False, strategies=strategies, seeds=seeds, stream=open(tmp_path / "log.txt", "w")
+    ).run()
     assert all(r.status == "finished" for r in out), [(r.strategy, r.reason) for r in out]
     return {f"{r.strategy}/{r.seed}": json.loads((r.run_dir / "results.json").read_text())["sessions"] for r in out}
 
@@ -63,7 +64,9 @@ def test_synth_smoke_matches_the_cards_expected_pattern(tmp_path):
     assert 80 < ncm[0]["metrics"]["test"]["acc"] < 97  # card: acc0 ≈ 89
     sessions = range(1, len(ncm))
     for better in (teen, teen5):
-        nov_wins = sum(better[i]["metrics"]["test"]["acc_novel"] > ncm[i]["metrics"]["test"]["acc_novel"] for i in sessions)
+        nov_wins = sum(
+            better[i]["metrics"]["test"]["acc_novel"] > ncm[i]["metrics"]["test"]["acc_novel"] for i in sessions
+        )
         hm_wins = sum(better[i]["metrics"]["test"]["hm"] > ncm[i]["metrics"]["test"]["hm"] for i in sessions)
         assert nov_wins >= 6 and hm_wins >= 6, (nov_wins, hm_wins)
     base_drop = [ncm[i]["metrics"]["test"]["acc_base"] - teen[i]["metrics"]["test"]["acc_base"] for i in sessions]
@@ -75,8 +78,13 @@ def test_synth_smoke_matches_the_cards_expected_pattern(tmp_path):
 @pytest.mark.slow
 def test_omniglot_small_real_data(tmp_path, shared_data):
     """The shared Omniglot subset, the full small recipe, one seed (about 2 minutes on 2 cores)."""
-    runs = run_recipe("fscil_omniglot_small.yaml", tmp_path, [f"scenario.data.root={shared_data}"],
-                      strategies=["teen", "ncm", "finetune"], seeds=[1])
+    runs = run_recipe(
+        "fscil_omniglot_small.yaml",
+        tmp_path,
+        [f"scenario.data.root={shared_data}"],
+        strategies=["teen", "ncm", "finetune"],
+        seeds=[1],
+    )
     teen, ncm, ft = runs["teen/1"], runs["ncm/1"], runs["finetune/1"]
     t_rate, n_rate = novel_to_base_rate(teen, 142), novel_to_base_rate(ncm, 142)
     assert all(t <= n for t, n in zip(t_rate, n_rate)) and sum(t_rate) < sum(n_rate)

@@ -80,8 +80,17 @@ def test_quickstart_outputs(quick):
 def test_tensorboard_tags_follow_the_spec(quick):
     _, out, _ = quick
     tags = scalar_tags(out[0].run_dir)
-    for t in ("eval/test/acc", "eval/test/acc_base", "eval/test/acc_novel", "eval/test/hm", "eval/test/pd",
-              "eval/test/avg", "train/loss", "train/lr", "hparam/test/avg"):
+    for t in (
+        "eval/test/acc",
+        "eval/test/acc_base",
+        "eval/test/acc_novel",
+        "eval/test/hm",
+        "eval/test/pd",
+        "eval/test/avg",
+        "train/loss",
+        "train/lr",
+        "hparam/test/avg",
+    ):
         assert t in tags, t
     assert [step for step, _ in tags["eval/test/acc"]] == list(range(6))
     assert [step for step, _ in tags["eval/test/hm"]] == list(range(1, 6))  # NaN at session 0 is not written
@@ -108,14 +117,28 @@ def test_resume_after_kill_gives_identical_results(quick, tmp_path):
     _, reference, _ = quick
     recipe = load_recipe(QUICKSTART, FAST)
     log = open(tmp_path / "log.txt", "a")
-    runner = Runner(recipe, out=tmp_path / "runs", progress=False, stream=log, strategies=["teen"],
-                    stop_after_session=2, cache_dir=tmp_path / "c")
+    runner = Runner(
+        recipe,
+        out=tmp_path / "runs",
+        progress=False,
+        stream=log,
+        strategies=["teen"],
+        stop_after_session=2,
+        cache_dir=tmp_path / "c",
+    )
     with pytest.raises(KeyboardInterrupt):
         runner.run()
     run_dir = tmp_path / "runs" / "quickstart" / "teen" / "seed0"
     assert results(run_dir)["status"] == "running" and len(results(run_dir)["sessions"]) == 3
-    resumed = Runner(recipe, out=tmp_path / "runs", progress=False, stream=log, strategies=["teen"], resume=True,
-                     cache_dir=tmp_path / "c").run()
+    resumed = Runner(
+        recipe,
+        out=tmp_path / "runs",
+        progress=False,
+        stream=log,
+        strategies=["teen"],
+        resume=True,
+        cache_dir=tmp_path / "c",
+    ).run()
     assert resumed[0].status == "finished"
     ref = results(reference[0].run_dir)
     got = results(run_dir)
@@ -125,8 +148,18 @@ def test_resume_after_kill_gives_identical_results(quick, tmp_path):
 
 def test_cli_kill_and_resume(tmp_path):
     """The same through the command line: a killed process, then --resume."""
-    cmd = [sys.executable, "-m", "openworld", "run", str(QUICKSTART), "--strategies", "ncm", "--out",
-           str(tmp_path), "--no-progress"] + [a for f in FAST for a in ("--set", f)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "openworld",
+        "run",
+        str(QUICKSTART),
+        "--strategies",
+        "ncm",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ] + [a for f in FAST for a in ("--set", f)]
     killed = subprocess.run(cmd + ["--stop-after-session", "1"], capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
@@ -188,8 +221,10 @@ PLUGIN = textwrap.dedent(
 def test_nan_loss_fails_that_run_only_and_plugins_load(tmp_path, monkeypatch):
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
-    out, _ = run(tmp_path, ["strategies={boom: {strategy: 'my_plugin:Exploding'}, "
-                            "majority: {strategy: 'my_plugin:Majority'}, ncm: {}}"])
+    out, _ = run(
+        tmp_path,
+        ["strategies={boom: {strategy: 'my_plugin:Exploding'}, majority: {strategy: 'my_plugin:Majority'}, ncm: {}}"],
+    )
     status = {r.strategy: r.status for r in out}
     assert status == {"boom": "failed", "majority": "finished", "ncm": "finished"}
     failed = results(out[0].run_dir)
@@ -279,14 +314,20 @@ def _reachable_datasets(obj, seen=None):
 def test_hidden_labels_are_structural():
     """A GCD-like view: labelled and unlabelled parts cut from one source; the unlabelled view
     keeps no path to the true labels."""
-    from openworld.scenarios.base import ClassInfo, EvalSet, Session
     from openworld.data.views import TensorData
+    from openworld.scenarios.base import ClassInfo, EvalSet, Session
 
     source = TensorData(torch.randn(20, 3), torch.arange(20) % 4)
     labeled = source.subset(torch.arange(0, 10))
     unlabeled = source.subset(torch.arange(10, 20))
-    session = Session(0, "s", ClassInfo(4, (0, 1, 2, 3), (0, 1, 2, 3)), labeled=labeled, unlabeled=unlabeled,
-                      eval_sets={"unlabelled": EvalSet(unlabeled, (0, 1, 2, 3))})
+    session = Session(
+        0,
+        "s",
+        ClassInfo(4, (0, 1, 2, 3), (0, 1, 2, 3)),
+        labeled=labeled,
+        unlabeled=unlabeled,
+        eval_sets={"unlabelled": EvalSet(unlabeled, (0, 1, 2, 3))},
+    )
     visible = session.visible()
     assert visible.eval_sets == {}
     assert bool((visible.unlabeled.targets == -1).all())

@@ -65,7 +65,7 @@ def test_t2_beta_zero_and_scale_invariance(base, new, scales, tau):
     p = torch.tensor(new, dtype=torch.float64)
     torch.testing.assert_close(calibrate(b, p, tau, 0.0), F.normalize(p, dim=-1), atol=1e-12, rtol=0)
     sb = torch.tensor(scales[: len(b)], dtype=torch.float64)[:, None]
-    sp = torch.tensor(scales[-len(p):], dtype=torch.float64)[:, None]
+    sp = torch.tensor(scales[-len(p) :], dtype=torch.float64)[:, None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         ref = calibrate(b, p, tau, 0.3)

@@ -866,8 +866,10 @@ def _omniglot_members(name: str, d: Path, archive: str) -> tuple[list[tuple[str,
         for p in sorted(folder.glob("*/*/*.png")):
             items.append((p.parts[-3], p.parts[-2], p.name, p.read_bytes()))
         if items:
-            return items, {f"{archive}/ (folder)": hashlib.sha256(b"".join(sha256_bytes(i[3]).encode() + i[2].encode()
-                                                                      for i in items)).hexdigest()}
+            manifest = hashlib.sha256()
+            for alphabet, character, fname, data in items:
+                manifest.update(f"{sha256_bytes(data)}  {alphabet}/{character}/{fname}\n".encode())
+            return items, {f"{archive}/ (folder manifest)": manifest.hexdigest()}
     return None
 
 

@@ -18,9 +18,9 @@ and :meth:`Session.visible` applies it to everything a strategy receives.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,9 +52,7 @@ def _as_long_tensor(y) -> Tensor:
 class TensorData(Dataset):
     """In-memory samples ``x`` ([N, ...], any dtype) with integer targets ``y`` ([N])."""
 
-    def __init__(
-        self, x: Tensor, y, transforms: TransformPair | None = None, name: str = "data", origin=None
-    ):
+    def __init__(self, x: Tensor, y, transforms: TransformPair | None = None, name: str = "data", origin=None):
         y = _as_long_tensor(y)
         if len(x) != len(y):
             raise ValueError(f"{name}: {len(x)} samples but {len(y)} targets")
@@ -81,18 +79,18 @@ class TensorData(Dataset):
             x = self.transforms.test(x)
         return x[0], int(self._y[i])
 
-    def subset(self, indices) -> "TensorData":
+    def subset(self, indices) -> TensorData:
         idx = _as_long_tensor(indices)
         return TensorData(self.x[idx], self._y[idx], self.transforms, self.name, _compose(self.origin, idx))
 
-    def hide_labels(self) -> "TensorData":
+    def hide_labels(self) -> TensorData:
         return TensorData(self.x, torch.full_like(self._y, HIDDEN), self.transforms, self.name)
 
-    def detach_origin(self) -> "TensorData":
+    def detach_origin(self) -> TensorData:
         """The same samples with no link to the dataset they were cut from (given to strategies)."""
         return TensorData(self.x, self._y, self.transforms, self.name)
 
-    def relabel(self, mapping: Tensor) -> "TensorData":
+    def relabel(self, mapping: Tensor) -> TensorData:
         """Targets through ``mapping`` (a [C] tensor old id -> new id); hidden stays hidden."""
         y = torch.where(self._y >= 0, mapping[self._y.clamp(min=0)], self._y)
         return TensorData(self.x, y, self.transforms, self.name, self.origin)
@@ -144,25 +142,25 @@ class FileData(Dataset):
             img = (self.transforms.train if self.train else self.transforms.test)(img)
         return img, int(self._y[i])
 
-    def _copy(self, paths, y, train, origin=None) -> "FileData":
+    def _copy(self, paths, y, train, origin=None) -> FileData:
         return FileData(paths, y, self.transforms, self.name, self.loader, train, origin or self.origin)
 
-    def subset(self, indices) -> "FileData":
+    def subset(self, indices) -> FileData:
         idx = _as_long_tensor(indices)
         return self._copy([self.paths[i] for i in idx.tolist()], self._y[idx], self.train, _compose(self.origin, idx))
 
-    def hide_labels(self) -> "FileData":
+    def hide_labels(self) -> FileData:
         return self.detach_origin()._copy(self.paths, torch.full_like(self._y, HIDDEN), self.train)
 
-    def detach_origin(self) -> "FileData":
+    def detach_origin(self) -> FileData:
         """The same samples with no link to the dataset they were cut from (given to strategies)."""
         return FileData(self.paths, self._y, self.transforms, self.name, self.loader, self.train)
 
-    def relabel(self, mapping: Tensor) -> "FileData":
+    def relabel(self, mapping: Tensor) -> FileData:
         y = torch.where(self._y >= 0, mapping[self._y.clamp(min=0)], self._y)
         return self._copy(self.paths, y, self.train)
 
-    def with_train(self, train: bool) -> "FileData":
+    def with_train(self, train: bool) -> FileData:
         return self._copy(self.paths, self._y, train)
 
     def fingerprint(self) -> str:
@@ -194,7 +192,9 @@ def concat(datasets: Sequence[TensorData | FileData]) -> TensorData | FileData:
             torch.cat([d.x for d in datasets]), torch.cat([d.targets for d in datasets]), first.transforms, first.name
         )
     paths = [p for d in datasets for p in d.paths]
-    return FileData(paths, torch.cat([d.targets for d in datasets]), first.transforms, first.name, first.loader, first.train)
+    return FileData(
+        paths, torch.cat([d.targets for d in datasets]), first.transforms, first.name, first.loader, first.train
+    )
 
 
 def batches(

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class Session:
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
-    def visible(self) -> "Session":
+    def visible(self) -> Session:
         """The session as a strategy may see it.
 
         No evaluation sets; unlabelled targets all -1; no dataset keeps a link (``origin``) to the

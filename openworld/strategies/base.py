@@ -12,9 +12,10 @@ import hashlib
 import inspect
 import json
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ class TrainConfig:
     selection: Literal["val", "last", "test"] = "val"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         opt = d.pop("optimizer", {}) or {}
         if "milestones" in d:
