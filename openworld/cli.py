@@ -89,7 +89,11 @@ def cmd_run(args) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"openworld: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    results = runner.run()
+    try:
+        results = runner.run()
+    except FileNotFoundError as exc:  # DataNotFoundError: names the file, the places searched, the fix
+        print(f"openworld: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 1 if any(r.status == "failed" for r in results) else 0
 
 

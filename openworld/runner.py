@@ -176,6 +176,9 @@ class Runner:
             f"openworld: recipe {self.recipe.name!r} · {n} strateg{'y' if n == 1 else 'ies'}"
             f" × {len(self.seeds)} seed(s) on {self.device} → {self.out}"
         )
+        # Load the data once up front: a missing or corrupt dataset is one clear error, not a failure
+        # repeated for every (strategy, seed).
+        self.scenario(self.seeds[0]).describe()
         results = [self.run_one(entry, seed) for entry in self.strategies for seed in self.seeds]
         self.say("")
         self.say(summary_table(results, self.recipe.scenario.kind))

@@ -127,3 +127,13 @@ def test_help_starts_fast():
     )
     assert probe.stdout.strip() == "False"
     assert elapsed < 5.0
+
+
+def test_cli_missing_data_is_one_clear_error(tmp_path, capsys):
+    recipe = ROOT / "scenarios" / "fscil_omniglot_small.yaml"
+    code = main(["run", str(recipe), "--out", str(tmp_path), "--set", f"scenario.data.root={tmp_path / 'nowhere'}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("openworld: error: omniglot: dataset not found")
+    assert "images_background_small1.zip" in err and str(tmp_path / "nowhere") in err and "OPENWORLD_DATA" in err
+    assert len(err.splitlines()) == 1

@@ -1,0 +1,334 @@
+"""Clustering metrics for category discovery (``specs/metrics.md`` §6, ``specs/gcd-ncd.md`` §5).
+
+Pure functions on 1-D integer label arrays, all computed from one count matrix ``w[ŷ, y]`` built by a
+vectorised scatter-add (``np.bincount`` on the flat index ``ŷ·D + y``), never a per-sample loop:
+
+* :func:`cluster_accuracy` — Hungarian accuracy ``v2`` (one global assignment, SimGCD
+  ``split_cluster_acc_v2``), ``v2b`` (same assignment, per-class balanced) and ``v1`` (separate
+  assignments for the old-class and new-class rows, GCD ``split_cluster_acc_v1``), split into
+  All / Old / New by the **ground-truth** class.
+* :func:`nmi` (arithmetic normalisation, scikit-learn's default) and :func:`ari`, from the same counts.
+
+:class:`ClusteringEngine` (engine task ``"clustering"``) streams predictions into a device-resident
+int64 count matrix ``[K_true, K_pred+1]`` (one integer ``scatter_add_`` per batch, no host sync) and
+runs one ``scipy.optimize.linear_sum_assignment`` on the small matrix per evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from .engine import register_engine
+
+__all__ = [
+    "VARIANTS",
+    "ClusteringEngine",
+    "ari",
+    "ari_from_counts",
+    "cluster_accuracy",
+    "cluster_accuracy_from_counts",
+    "count_matrix",
+    "hungarian_map",
+    "nmi",
+    "nmi_from_counts",
+]
+
+VARIANTS = ("v2", "v2b", "v1")
+_NAN = float("nan")
+
+
+def _as_int_array(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.size == 0:
+        a = a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer ids, got dtype {a.dtype}")
+    a = a.reshape(-1) if a.ndim == 0 else a
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(a.shape)}")
+    if a.size and a.min() < 0:
+        raise ValueError(f"{name} holds negative ids (min {int(a.min())}); discovery metrics need ids >= 0")
+    return a.astype(np.int64, copy=False)
+
+
+def count_matrix(y_true, y_pred) -> np.ndarray:
+    """``w[i, j]`` = #samples with prediction i and true class j; shape D×D, ``D = max(ŷ, y) + 1``."""
+    y = _as_int_array(y_true, "y_true")
+    p = _as_int_array(y_pred, "y_pred")
+    if y.shape != p.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {y.size} vs {p.size}")
+    if y.size == 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    d = int(max(y.max(), p.max())) + 1
+    return np.bincount(p * d + y, minlength=d * d).reshape(d, d).astype(np.int64, copy=False)
+
+
+def hungarian_map(w: np.ndarray) -> np.ndarray:
+    """``m[j]`` = the cluster matched to true class j by ``linear_sum_assignment(w.max() - w)``.
+
+    ``w`` is the square count matrix ``w[cluster, class]`` (SimGCD/GCD convention, scipy's tie-breaking).
+    """
+    w = np.asarray(w, dtype=np.int64)
+    if w.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    rows, cols = linear_sum_assignment(w.max() - w)
+    m = np.full(w.shape[1], -1, dtype=np.int64)
+    m[cols] = rows
+    return m
+
+
+def _old_mask(d: int, old_classes) -> np.ndarray:
+    mask = np.zeros(d, dtype=bool)
+    old = np.asarray(list(old_classes), dtype=np.int64).reshape(-1)
+    if old.size and old.min() < 0:
+        raise ValueError(f"old_classes holds negative ids: {sorted(set(old.tolist()))}")
+    old = old[old < d]
+    mask[old] = True
+    return mask
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b > 0 else _NAN
+
+
+def _matched_count(w_sub: np.ndarray) -> int:
+    """Optimal one-to-one matched count of a (possibly rectangular) count matrix."""
+    if w_sub.size == 0:
+        return 0
+    rows, cols = linear_sum_assignment(w_sub, maximize=True)
+    return int(w_sub[rows, cols].sum())
+
+
+def cluster_accuracy_from_counts(w: np.ndarray, old_classes, variant: str = "v2") -> dict[str, float]:
+    """:func:`cluster_accuracy` on a square count matrix ``w[cluster, class]``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown cluster-accuracy variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    w = np.asarray(w, dtype=np.int64)
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"count matrix must be square [D, D], got shape {tuple(w.shape)}")
+    d = w.shape[0]
+    support = w.sum(axis=0)  # n_j per true class
+    present = support > 0
+    old = _old_mask(d, old_classes)
+    n_old, n_new = int(support[old].sum()), int(support[~old].sum())
+    n = n_old + n_new
+    if variant == "v1":
+        hit_old = _matched_count(w[:, old & present])
+        hit_new = _matched_count(w[:, ~old & present])
+        return {"all": _div(hit_old + hit_new, n), "old": _div(hit_old, n_old), "new": _div(hit_new, n_new)}
+    m = hungarian_map(w)
+    hits = w[m, np.arange(d)] if d else np.zeros(0, dtype=np.int64)
+    if variant == "v2":
+        return {"all": _div(int(hits.sum()), n), "old": _div(int(hits[old].sum()), n_old),
+                "new": _div(int(hits[~old].sum()), n_new)}
+    acc = np.where(present, hits / np.maximum(support, 1), np.nan)  # v2b
+
+    def mean(mask: np.ndarray) -> float:
+        sel = mask & present
+        return float(acc[sel].mean()) if sel.any() else _NAN
+
+    return {"all": mean(np.ones(d, dtype=bool)), "old": mean(old), "new": mean(~old)}
+
+
+def cluster_accuracy(y_true, y_pred, old_classes: Sequence[int], variant: str = "v2") -> dict[str, float]:
+    """Hungarian clustering accuracy ``{"all", "old", "new"}`` (fractions; NaN for an empty subset).
+
+    ``y_true``/``y_pred``: 1-D integer tensors or arrays (cluster ids need not be < K: the count
+    matrix is ``D×D`` with ``D = max(ŷ, y) + 1``). ``old_classes``: the labelled (known) class ids;
+    Old/New membership comes from the ground-truth class. ``variant``: ``"v2"`` (default), ``"v2b"``
+    or ``"v1"`` (``specs/metrics.md`` §6).
+    """
+    return cluster_accuracy_from_counts(count_matrix(y_true, y_pred), old_classes, variant)
+
+
+def _entropy(counts: np.ndarray, n: int) -> float:
+    c = counts[counts > 0].astype(np.float64)
+    return float(-(c / n * (np.log(c) - math.log(n))).sum())
+
+
+def nmi_from_counts(w: np.ndarray) -> float:
+    """NMI with arithmetic normalisation, from a contingency matrix (any orientation)."""
+    w = np.asarray(w, dtype=np.int64)
+    n = int(w.sum())
+    if n == 0:
+        return _NAN
+    a, b = w.sum(axis=1), w.sum(axis=0)
+    ha, hb = _entropy(a, n), _entropy(b, n)
+    if (a > 0).sum() == 1 and (b > 0).sum() == 1 or (ha == 0 and hb == 0):
+        return 1.0
+    nz = np.nonzero(w)
+    nij = w[nz].astype(np.float64)
+    mi = float((nij / n * (np.log(nij) + math.log(n) - np.log(a[nz[0]]) - np.log(b[nz[1]]))).sum())
+    mi = max(mi, 0.0)
+    denom = (ha + hb) / 2.0
+    return float(mi / denom) if denom > 0 else 1.0
+
+
+def _comb2(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x * (x - 1.0) / 2.0
+
+
+def ari_from_counts(w: np.ndarray) -> float:
+    """Adjusted Rand index from a contingency matrix (1 when N < 2 or the denominator is 0)."""
+    w = np.asarray(w, dtype=np.int64)
+    n = int(w.sum())
+    if n == 0:
+        return _NAN
+    if n < 2:
+        return 1.0
+    sum_ij = float(_comb2(w[w > 0]).sum())
+    sum_a = float(_comb2(w.sum(axis=1)).sum())
+    sum_b = float(_comb2(w.sum(axis=0)).sum())
+    expected = sum_a * sum_b / (n * (n - 1) / 2.0)
+    denom = 0.5 * (sum_a + sum_b) - expected
+    if denom == 0:
+        return 1.0
+    return float((sum_ij - expected) / denom)
+
+
+def nmi(y_true, y_pred) -> float:
+    """Normalized mutual information (arithmetic mean normalisation = scikit-learn's default)."""
+    return nmi_from_counts(count_matrix(y_true, y_pred))
+
+
+def ari(y_true, y_pred) -> float:
+    """Adjusted Rand index (= ``sklearn.metrics.adjusted_rand_score``)."""
+    return ari_from_counts(count_matrix(y_true, y_pred))
+
+
+@register_engine("clustering")
+class ClusteringEngine:
+    """Streaming Hungarian accuracy / NMI / ARI for one discovery eval set.
+
+    Args:
+        num_classes: K_true; labels outside ``0…K_true-1`` (e.g. -1) go to a trash bin.
+        device: where the counts live.
+        old_classes: the known (labelled) class ids; Old/New split by ground truth.
+        num_clusters: K_pred, the width of the count matrix. ``None``: taken from the width of the
+            first ``logits`` observed (a host integer: no sync). Cluster ids ``>= K_pred`` are
+            counted in an overflow column and make :meth:`compute` raise.
+        variants: which Hungarian variants to report (``"v2"`` always; add ``"v2b"``, ``"v1"``).
+        mode: ``"gcd"`` → ``all_v2``, ``old_v2``, ``new_v2`` (+ variants), ``nmi``, ``ari``;
+            ``"ncd"`` → ``acc`` (one Hungarian over the eval set, micro), ``nmi``, ``ari``.
+
+    Keys are the ``specs/metrics.md`` §10 names. ``confusion()``/``per_class()`` return ``None``
+    (clusters are not classes); :meth:`counts` gives the raw ``[K_true, K_pred]`` matrix.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        device: str | torch.device = "cpu",
+        old_classes: Sequence[int] = (),
+        num_clusters: int | None = None,
+        variants: Sequence[str] = ("v2",),
+        mode: str = "gcd",
+    ):
+        k = int(num_classes)
+        if k <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown cluster-accuracy variants {bad}; allowed: {', '.join(VARIANTS)}")
+        if mode not in ("gcd", "ncd"):
+            raise ValueError(f"clustering engine mode must be 'gcd' or 'ncd', got {mode!r}")
+        old = [int(c) for c in old_classes]
+        if any(c < 0 or c >= k for c in old):
+            raise ValueError(f"old_classes must lie in 0…{k - 1}, got {old}")
+        self.num_classes = k
+        self.device = torch.device(device)
+        self.old_classes = tuple(old)
+        self.variants = tuple(dict.fromkeys(["v2", *variants]))
+        self.mode = mode
+        self.num_clusters: int | None = None
+        self._buf: torch.Tensor | None = None
+        if num_clusters is not None:
+            self._allocate(int(num_clusters))
+
+    def _allocate(self, kp: int) -> None:
+        if kp <= 0:
+            raise ValueError(f"num_clusters must be positive, got {kp}")
+        self.num_clusters = kp
+        self._buf = torch.zeros(self.num_classes * (kp + 1) + 1, dtype=torch.int64, device=self.device)
+
+    def update(self, preds: torch.Tensor, targets) -> None:
+        """Add one batch of cluster ids ``preds`` [B] and true labels ``targets`` [B] (no host sync)."""
+        if self._buf is None:
+            raise RuntimeError("ClusteringEngine: num_clusters unknown; pass it or call observe(logits, …) first")
+        k, kp = self.num_classes, self.num_clusters
+        y = torch.as_tensor(targets, device=self.device).reshape(-1).long()
+        p = torch.as_tensor(preds, device=self.device).reshape(-1).long()
+        if y.shape != p.shape:
+            raise ValueError(f"targets and predictions differ in length: {y.numel()} vs {p.numel()}")
+        yv = (y >= 0) & (y < k)
+        pc = torch.where((p >= 0) & (p < kp), p, kp)
+        idx = torch.where(yv, y.clamp(0, k - 1) * (kp + 1) + pc, k * (kp + 1))
+        self._buf.scatter_add_(0, idx, torch.ones_like(idx))
+
+    def observe(self, logits: torch.Tensor, targets, unknown_score: torch.Tensor | None = None) -> None:
+        """Cluster id = ``argmax`` of ``logits`` [B, K_pred] (or 1-D integer ids given directly)."""
+        if logits.dim() == 1 and not logits.is_floating_point():
+            preds = logits
+        else:
+            if self._buf is None:
+                self._allocate(int(logits.shape[1]))
+            preds = logits.argmax(1)
+        if self._buf is None:
+            raise RuntimeError("ClusteringEngine: num_clusters unknown for integer predictions; pass num_clusters")
+        self.update(preds, targets)
+
+    def counts(self) -> torch.Tensor:
+        """``[K_true, K_pred + 1]`` int64 counts on the CPU (last column: cluster ids out of range)."""
+        if self._buf is None:
+            return torch.zeros(self.num_classes, 1, dtype=torch.int64)
+        kp = self.num_clusters
+        return self._buf[: self.num_classes * (kp + 1)].view(self.num_classes, kp + 1).cpu()
+
+    def square_counts(self) -> np.ndarray:
+        """``w[cluster, class]`` cut/zero-padded to D×D, D = 1 + the largest id that has a sample."""
+        cmc = self.counts().numpy()  # the one host transfer
+        if cmc.shape[1] > 1 and cmc[:, -1].any():
+            raise ValueError(
+                f"clustering metrics: {int(cmc[:, -1].sum())} predictions are cluster ids outside "
+                f"0…{self.num_clusters - 1}; discovery metrics are undefined for them"
+            )
+        w = cmc[:, :-1].T  # [K_pred, K_true]
+        rows = np.flatnonzero(w.sum(axis=1))
+        cols = np.flatnonzero(w.sum(axis=0))
+        d = int(max(rows.max(initial=-1), cols.max(initial=-1))) + 1
+        out = np.zeros((d, d), dtype=np.int64)
+        r, c = min(d, w.shape[0]), min(d, w.shape[1])
+        out[:r, :c] = w[:r, :c]
+        return out
+
+    def compute(self) -> dict[str, float]:
+        w = self.square_counts()
+        if self.mode == "ncd":
+            acc = cluster_accuracy_from_counts(w, (), "v2")["all"] if w.size else _NAN
+            return {"acc": acc, "nmi": nmi_from_counts(w), "ari": ari_from_counts(w)}
+        out: dict[str, float] = {}
+        for v in self.variants:
+            r = cluster_accuracy_from_counts(w, self.old_classes, v) if w.size else {"all": _NAN, "old": _NAN,
+                                                                                      "new": _NAN}
+            out.update({f"all_{v}": r["all"], f"old_{v}": r["old"], f"new_{v}": r["new"]})
+        out["nmi"] = nmi_from_counts(w)
+        out["ari"] = ari_from_counts(w)
+        return out
+
+    def confusion(self):
+        return None
+
+    def per_class(self):
+        return None
+
+    def reset(self) -> None:
+        if self._buf is not None:
+            self._buf.zero_()
