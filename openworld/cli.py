@@ -52,6 +52,30 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("recipe")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    cmp = sub.add_parser("compare", help="mean ± std over seeds, best strategy, significance, plots")
+    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, e.g. runs/quickstart")
+    cmp.add_argument("--metrics", type=_csv, help="comma-separated summary metrics (default: the scenario's headline)")
+    cmp.add_argument("--out", help="where to write compare.md / compare.csv / compare.json (default: first RUN_DIR)")
+    cmp.add_argument("--plot", metavar="DIR", help="also draw PNG plots into DIR")
+    cmp.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown", help="what to print")
+
+    sw = sub.add_parser("sweep", help="run a grid of overrides × seeds locally or as a SLURM array")
+    sw.add_argument("recipe")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="a recipe field and its values, e.g. --grid strategies.teen.shift_weight=0,0.1,0.5 (repeatable)")
+    sw.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the recipe's)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="fixed override applied to every job")
+    sw.add_argument("--out", default="runs/sweeps", help="sweep root; each grid point gets <out>/<tag>/")
+    sw.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    sw.add_argument("--workers", type=int, default=1, help="local: parallel processes")
+    sw.add_argument("--partition", help="slurm: partition")
+    sw.add_argument("--gpus", type=int, default=1, help="slurm: GPUs per job")
+    sw.add_argument("--cpus", type=int, default=8, help="slurm: CPUs per job")
+    sw.add_argument("--time", type=int, default=24 * 60, help="slurm: time limit in minutes")
+    sw.add_argument("--mem-gb", type=int, help="slurm: memory per job")
+    sw.add_argument("--dry-run", action="store_true", help="list the jobs and stop")
+
     lst = sub.add_parser("list", help="list registered components")
     lst.add_argument(
         "what", nargs="?", default="all", choices=["all", "strategies", "scenarios", "datasets", "backbones"]
@@ -107,6 +131,69 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import json
+    from pathlib import Path
+
+    from openworld.compare import compare, plot
+    from openworld.logging import write_json
+
+    try:
+        result = compare(args.runs, args.metrics)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"openworld: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    out = Path(args.out or args.runs[0])
+    if out.is_file():
+        out = out.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(result.to_markdown() + "\n")
+    (out / "compare.csv").write_text(result.to_csv())
+    write_json(out / "compare.json", result.to_json())
+    text = {"markdown": result.to_markdown, "csv": result.to_csv,
+            "json": lambda: json.dumps(result.to_json(), indent=2, default=str)}[args.format]()
+    print(text)
+    if args.plot:
+        for path in plot(result, args.plot):
+            print(f"plot: {path}")
+    print(f"written: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from pathlib import Path
+
+    from openworld.config import ConfigError
+    from openworld.sweep import expand, parse_grid, run_local, run_slurm, write_manifest
+
+    try:
+        grid = parse_grid(args.grid)
+        jobs = expand(args.recipe, grid, args.seeds, args.out, args.overrides)
+    except ConfigError as exc:
+        print(f"openworld: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    out = Path(args.out)
+    manifest = write_manifest(jobs, out, grid)
+    print(f"sweep: {len(jobs)} job(s) ({len(jobs) // max(1, len(set(j.seed for j in jobs)))} grid point(s)) → {out}"
+          f" (manifest {manifest})")
+    if args.dry_run:
+        for j in jobs:
+            print(f"  {j.tag} seed {j.seed}: openworld {' '.join(j.argv())}")
+        return 0
+    if args.launcher == "slurm":
+        submitted = run_slurm(jobs, out / ".submitit", partition=args.partition, gpus=args.gpus, cpus=args.cpus,
+                              time_min=args.time, mem_gb=args.mem_gb)
+        print(f"submitted array job {submitted[0].job_id.split('_')[0]} ({len(submitted)} tasks); "
+              f"when done: openworld compare {out}")
+        return 0
+    codes = run_local(jobs, args.workers, out / "logs")
+    failed = [j for j, c in zip(jobs, codes) if c != 0]
+    for j in failed:
+        print(f"job {j.tag} seed {j.seed} exited non-zero (log: {out / 'logs' / f'{j.tag}_seed{j.seed}.log'})")
+    print(f"done: {len(jobs) - len(failed)}/{len(jobs)} jobs ok; compare with: openworld compare {out}")
+    return 1 if failed else 0
+
+
 def cmd_list(args) -> int:
     from openworld.registry import REGISTRIES
 
@@ -122,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare,
+               "sweep": cmd_sweep}[args.command]
     return handler(args)
 
 

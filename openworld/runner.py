@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from openworld import distributed
 from openworld.cache import Cache, atomic_torch_save, atomic_write_bytes
 from openworld.config import Recipe
 from openworld.data.views import batches
@@ -141,6 +142,11 @@ class Runner:
         self.out = Path(out or recipe.output) / recipe.name
         self.resume = resume
         self.device = resolve_device(device or recipe.device)
+        # Under torchrun: one process group, one device per process; rank 0 evaluates and writes.
+        self.rank, self.world = distributed.init_from_env(self.device.type)
+        if self.world > 1:
+            self.device = distributed.local_device(self.device.type)
+        self.main = self.rank == 0
         unknown = [s for s in (strategies or []) if s not in recipe.strategies]
         if unknown:
             raise ValueError(
@@ -158,7 +164,8 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        if self.main:
+            print(text, file=self.stream, flush=True)
 
     def scenario(self, seed: int) -> Scenario:
         cls = SCENARIOS.get(self.recipe.scenario.kind)
@@ -180,6 +187,8 @@ class Runner:
         # repeated for every (strategy, seed).
         self.scenario(self.seeds[0]).describe()
         results = [self.run_one(entry, seed) for entry in self.strategies for seed in self.seeds]
+        if self.main and self.tensorboard:
+            write_custom_scalars_layout(self.out, results)
         self.say("")
         self.say(summary_table(results, self.recipe.scenario.kind))
         failed = [r for r in results if r.status == "failed"]
@@ -200,8 +209,9 @@ class Runner:
             if prev.get("status") == "finished":
                 self.say(f"{entry} seed {seed}: already finished, skipped (--resume)")
                 return RunResult(entry, seed, "finished", run_dir, prev.get("summary", {}), prev.get("sessions", []))
-        if not self.resume and run_dir.exists():
+        if self.main and not self.resume and run_dir.exists():
             shutil.rmtree(run_dir)
+        distributed.barrier()
         run_dir.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {"strategy": entry, "seed": seed, "status": "running", "sessions": []}
         self._tb = None
@@ -211,9 +221,10 @@ class Runner:
             raise
         except Exception as exc:  # failure isolation: this run is marked failed, the others go on
             reason = f"{type(exc).__name__}: {exc}"
-            atomic_write_bytes(run_dir / "error.log", traceback.format_exc().encode())
-            record.update(status="failed", reason=reason)
-            write_json(results_path, record)
+            if self.main:
+                atomic_write_bytes(run_dir / "error.log", traceback.format_exc().encode())
+                record.update(status="failed", reason=reason)
+                write_json(results_path, record)
             self.say(f"{entry} seed {seed}: FAILED — {reason}")
             return RunResult(entry, seed, "failed", run_dir, {}, record.get("sessions", []), reason)
         finally:
@@ -241,9 +252,11 @@ class Runner:
         resolved["strategy_params"] = strategy.get_params()
         import yaml
 
-        atomic_write_bytes(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
-        write_json(run_dir / "environment.json", environment_info(self.device))
-        write_json(run_dir / "splits.json", description)
+        resolved["world_size"] = self.world
+        if self.main:
+            atomic_write_bytes(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
+            write_json(run_dir / "environment.json", environment_info(self.device))
+            write_json(run_dir / "splits.json", description)
 
         # Resume: the latest finished session's checkpoint.
         start, ckpt = 0, None
@@ -254,7 +267,8 @@ class Runner:
                 ckpt = torch.load(ckpt_dir / f"session_{done[-1]}.pt", map_location="cpu", weights_only=True)
                 start = done[-1] + 1
 
-        tb = self._tb = TensorBoardLogger(run_dir, purge_step=start if start else None, enabled=self.tensorboard)
+        tb = self._tb = TensorBoardLogger(run_dir, purge_step=start if start else None,
+                                          enabled=self.tensorboard and self.main)
         ctx = RunContext(
             device=self.device,
             seed=seed,
@@ -270,7 +284,7 @@ class Runner:
             cache=self.cache,
             amp=recipe.amp,
             log_every=recipe.log_every,
-            progress=self.progress,
+            progress=self.progress and self.main,
             eval_batch_size=recipe.eval_batch_size,
             num_workers=recipe.num_workers,
             log_scalar=tb.scalar,
@@ -306,6 +320,8 @@ class Runner:
             scenario=kind,
             strategy_class=f"{cls.__module__}.{cls.__qualname__}",
             params=strategy.get_params(),
+            config={k: v for k, v in flatten(resolved).items()
+                    if not k.startswith(("strategies.", "strategy_params.")) and k not in ("seed", "device")},
             flags=flags,
             transductive=bool(cls.transductive),
             split_fingerprint=fingerprint,
@@ -330,6 +346,8 @@ class Runner:
             strategy.learn(visible)
             ctx.selection_override = None
             train_s = time.perf_counter() - t0
+            if not self.main:
+                continue  # other ranks only train; rank 0 evaluates, logs and checkpoints
             metrics, confusion, per_class, heads = {}, {}, {}, {}
             for set_name, eval_set in session.eval_sets.items():
                 m, cm, pc, head = self.evaluate(strategy, eval_set, scenario.num_classes, features)
@@ -384,6 +402,9 @@ class Runner:
             if self.stop_after_session is not None and session.index >= self.stop_after_session:
                 raise KeyboardInterrupt(f"stopped after session {session.index} (stop_after_session)")
         bar.close()
+        if not self.main:
+            distributed.barrier()
+            return RunResult(entry, seed, "finished", run_dir, {}, [])
 
         summary = run_summary(sessions_out)
         record.update(status="finished", summary=summary)
@@ -401,6 +422,7 @@ class Runner:
         tb.hparams(hp, hmetrics, last)
         tb.close()
         write_json(run_dir / "results.json", record)
+        distributed.barrier()
         return RunResult(entry, seed, "finished", run_dir, summary, sessions_out)
 
     # ------------------------------------------------------------------------------------------
@@ -489,6 +511,32 @@ class Runner:
             pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), float("-inf"))
             logits = torch.cat([logits, pad], dim=1)
         return logits.masked_fill(~allowed, float("-inf"))
+
+
+def write_custom_scalars_layout(out: Path, results: list[RunResult]) -> None:
+    """A TensorBoard custom-scalars layout for the recipe: one chart per metric, every strategy and
+    seed of the recipe on it (each run is one line). Written once into ``<recipe>/_layout``."""
+    charts: dict[str, list[str]] = {}
+    for r in results:
+        for s in r.sessions:
+            for set_name, metrics in s.get("metrics", {}).items():
+                for name in metrics:
+                    if "/" not in name:
+                        charts.setdefault(set_name, [])
+                        if name not in charts[set_name]:
+                            charts[set_name].append(name)
+    if not charts:
+        return
+    layout = {f"eval/{set_name}": {m: ["Multiline", [f"^eval/{set_name}/{m}$"]] for m in names}
+              for set_name, names in charts.items()}
+    layout["train"] = {"loss": ["Multiline", ["^train/loss$"]], "lr": ["Multiline", ["^train/lr$"]]}
+    from torch.utils.tensorboard import SummaryWriter
+
+    layout_dir = out / "_layout"
+    if layout_dir.exists():
+        shutil.rmtree(layout_dir)
+    with SummaryWriter(log_dir=str(layout_dir)) as w:
+        w.add_custom_scalars(layout)
 
 
 def _round_hm(m: dict) -> None:

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_recipe(name: str, tmp_path, overrides=(), strategies=None, seeds=None) -> dict[str, list[dict]]:
     recipe = load_recipe(ROOT / "scenarios" / name, list(overrides))
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = Runner(
         recipe, out=tmp_path, progress=False, strategies=strategies, seeds=seeds, stream=open(tmp_path / "log.txt", "w")
     ).run()
@@ -90,3 +91,22 @@ def test_omniglot_small_real_data(tmp_path, shared_data):
     assert all(t <= n for t, n in zip(t_rate, n_rate)) and sum(t_rate) < sum(n_rate)
     assert sum(series(teen, "acc_novel")[1:]) > sum(series(ncm, "acc_novel")[1:])
     assert series(teen, "acc")[-1] > 2 * series(ft, "acc")[-1]
+
+
+def test_joint_upper_bound_keeps_base_classes_and_resumes(tmp_path):
+    overrides = ["base.epochs=6", "strategies={joint: {}, finetune: {epochs: 5, lr: 0.01}}"]
+    runs = run_recipe("quickstart.yaml", tmp_path / "a", overrides)
+    joint, ft = runs["joint/0"], runs["finetune/0"]
+    # Session 0 of both is the shared base model with its learned cosine rows.
+    assert joint[0]["metrics"]["test"] == ft[0]["metrics"]["test"]
+    # Retraining on base data ∪ shots keeps the base classes; fine-tuning on shots alone does not.
+    assert series(joint, "acc_base")[-1] > series(ft, "acc_base")[-1] + 30
+    # Resume mid-stream: joint rebuilds its data of earlier sessions and gives the same numbers.
+    recipe = load_recipe(ROOT / "scenarios" / "quickstart.yaml", overrides)
+    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115
+    with pytest.raises(KeyboardInterrupt):
+        Runner(recipe, out=tmp_path / "b", progress=False, strategies=["joint"], stream=log, stop_after_session=2).run()
+    resumed = Runner(recipe, out=tmp_path / "b", progress=False, strategies=["joint"], stream=log, resume=True).run()
+    got = json.loads((resumed[0].run_dir / "results.json").read_text())["sessions"]
+    strip = lambda ss: [{k: v for k, v in s.items() if not k.endswith("_seconds")} for s in ss]  # noqa: E731
+    assert strip(got) == strip(joint)

@@ -73,6 +73,8 @@ def test_quickstart_outputs(quick):
     assert env["packages"]["torch"] and env["device"] == "cpu"
     splits = json.loads((run_dir / "splits.json").read_text())
     assert splits["class_order"] == list(range(10))
+    layout = list((run_dir.parent.parent / "_layout").glob("events.out.tfevents.*"))
+    assert len(layout) == 1 and b"custom_scalars" in layout[0].read_bytes()  # all strategies on one chart
     table = (tmp / "log.txt").read_text()
     assert "teen" in table and "avg" in table and " hm" in table
 

@@ -207,41 +207,54 @@ def batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     num_workers: int = 0,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(x, y)`` batches on ``device``; ``train`` selects the augmenting transform.
 
     TensorData: the whole tensor is moved to ``device`` once per call and batches are index slices.
     FileData: a DataLoader with ``num_workers`` workers; the shuffling order comes from ``generator``.
     Either way, the order depends only on ``generator``'s state, so runs are reproducible.
+
+    ``shard=(rank, world)``: every rank draws the same order and takes every ``world``-th sample of
+    each global batch, so the ranks' slices together form the global batch (distributed training);
+    a last global batch smaller than ``world`` is dropped so that no rank gets an empty batch.
+    Augmentation draws from a generator seeded by one draw of ``generator`` (plus the rank), so
+    ``generator`` advances identically on every rank whatever the slice sizes.
     """
     n = len(data)
     if n == 0:
         return
-    order = torch.randperm(n, generator=generator) if shuffle else None
+    rank, world = shard if shard is not None else (0, 1)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    aug_generator = None
+    if train and generator is not None:
+        aug_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        aug_generator = torch.Generator().manual_seed(aug_seed + rank)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    chunks = [order[s : min(s + batch_size, stop)] for s in range(0, stop, batch_size)]
+    if world > 1:
+        chunks = [c[rank::world] for c in chunks if len(c) >= world]
     if isinstance(data, TensorData):
         x_all = data.x.to(device, non_blocking=True)
         y_all = data.targets.to(device, non_blocking=True)
         tf = None if data.transforms is None else (data.transforms.train if train else data.transforms.test)
-        if order is not None:
-            order = order.to(device)
-        stop = n - (n % batch_size) if drop_last and n >= batch_size else n
-        for start in range(0, stop, batch_size):
-            if order is None:
-                xb, yb = x_all[start : start + batch_size], y_all[start : start + batch_size]
+        sequential = not shuffle and world == 1
+        for idx in chunks:
+            if sequential:
+                start = int(idx[0])
+                xb, yb = x_all[start : start + len(idx)], y_all[start : start + len(idx)]
             else:
-                idx = order[start : start + batch_size]
+                idx = idx.to(device)
                 xb, yb = x_all[idx], y_all[idx]
             if tf is not None:
-                xb = tf(xb, generator=generator) if train else tf(xb)
+                xb = tf(xb, generator=aug_generator) if train else tf(xb)
             yield xb, yb
         return
     view = data.with_train(train)
     loader = DataLoader(
         view,
-        batch_size=batch_size,
-        sampler=order.tolist() if order is not None else None,
+        batch_sampler=[c.tolist() for c in chunks],
         num_workers=num_workers,
-        drop_last=drop_last,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
     )
