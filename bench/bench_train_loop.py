@@ -1,13 +1,13 @@
 """Benchmark openworld's classifier train loop against references measured in the same run.
 
-Command (from the repository root; a full run takes about 2 minutes on 2 CPU cores):
+Command (from the repository root; about a minute on 2 idle CPU cores, several when other processes share them):
 
     .venv/bin/python bench/bench_train_loop.py --dataset digits --epochs 10 --batch-size 128 --repeats 5
 
 Other runs (see BENCHMARKS.md for the figures they print):
 
     .venv/bin/python bench/bench_train_loop.py --dataset digits --backbone mlp --epochs 10 --batch-size 128 --repeats 5
-    .venv/bin/python bench/bench_train_loop.py --dataset fashion_mnist --train-size 10000 --epochs 1 --batch-size 128 --repeats 3
+    .venv/bin/python bench/bench_train_loop.py --dataset fashion_mnist --train-size 10000 --epochs 1 --repeats 3
 
 On one model, one training set, one batch size, one optimizer (SGD lr 0.05, momentum 0.9, no
 Nesterov, no weight decay, constant LR) and one number of epochs, it times:
@@ -30,7 +30,9 @@ median wall time of the training call is reported (model and optimizer construct
 the timed region; Avalanche's per-experience setup inside ``train`` is inside it). After the last
 repeat each model's accuracy on the training set and on (up to ``--eval-size``) test samples is
 printed, so a loop that skipped work would show. ``ratio`` = reference time / openworld time
-(> 1: openworld is faster). ``torch.set_num_threads`` is left at its default.
+(> 1: openworld is faster). ``torch.set_num_threads`` is left at its default unless ``--threads``
+is given. The CPU time of the process (all threads) is printed beside the wall time: other processes
+on the same cores inflate the wall time of single repeats many-fold (the load average is printed).
 """
 
 from __future__ import annotations
@@ -65,6 +67,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def since(t0: tuple[float, float]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) since ``t0 = clock()``."""
+    return time.perf_counter() - t0[0], time.process_time() - t0[1]
 
 
 def load_average() -> str:
@@ -127,9 +138,9 @@ def run_openworld(args, data: TensorData, input_shape, num_classes: int, epochs:
     ctx = make_context(args, input_shape, num_classes, epochs)
     model = fresh_model(ctx)
     gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
+    t0 = clock()
     train_classifier(model, data, cfg=ctx.base, ctx=ctx, num_active=num_classes, selection_data=None, generator=gen)
-    elapsed = time.perf_counter() - t0
+    elapsed = since(t0)
     return elapsed, ctx.global_step, model
 
 
@@ -138,7 +149,7 @@ def run_plain(args, x: torch.Tensor, y: torch.Tensor, input_shape, num_classes: 
 
     model = fresh_model(make_context(args, input_shape, num_classes, epochs))
     opt = plain_optimizer(model)
-    t0 = time.perf_counter()
+    t0 = clock()
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True, num_workers=0)
     steps = 0
     model.train()
@@ -149,7 +160,7 @@ def run_plain(args, x: torch.Tensor, y: torch.Tensor, input_shape, num_classes: 
             loss.backward()
             opt.step()
             steps += 1
-    elapsed = time.perf_counter() - t0
+    elapsed = since(t0)
     return elapsed, steps, model
 
 
@@ -201,9 +212,9 @@ def run_avalanche(args, ava, experience, input_shape, num_classes: int, epochs: 
             eval_every=-1,
         )
     torch.manual_seed(0)
-    t0 = time.perf_counter()
+    t0 = clock()
     strategy.train(experience)
-    elapsed = time.perf_counter() - t0
+    elapsed = since(t0)
     return elapsed, strategy.clock.train_iterations, model, seen[0]
 
 
@@ -230,10 +241,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-avalanche", action="store_true", help="skip the Avalanche Naive path")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: not called; torch's default is used)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.backbone = args.backbone or DEFAULT_BACKBONE[args.dataset]
 
-    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} (default, not set) | CPU: {cpu_name()} "
+    how = "--threads" if args.threads else "default, not set"
+    print(f"torch {torch.__version__} | threads {torch.get_num_threads()} ({how}) | CPU: {cpu_name()} "
           f"| {os.cpu_count()} logical cores | python {platform.python_version()} | load average {load_average()}")
     x, y, x_te, y_te = load_data(args)
     input_shape = tuple(x.shape[1:])
@@ -270,20 +286,22 @@ def main(argv=None) -> int:
             fn(1)
 
     times: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
     models = {}
     for _ in range(args.repeats):
         for name, fn in paths.items():  # interleaved, so drift in machine speed hits every path alike
-            elapsed, steps, model = fn(args.epochs)
+            (wall, cpu_s), steps, model = fn(args.epochs)
             if steps != expected_steps:
                 raise SystemExit(f"{name}: {steps} optimizer steps, expected {expected_steps}")
-            times[name].append(elapsed)
+            times[name].append(wall)
+            cpu[name].append(cpu_s)
             models[name] = model
 
     ref = "openworld train_classifier (TensorData)"
     t_ref, t_ref_min = statistics.median(times[ref]), min(times[ref])
     samples = n * args.epochs
     header = (f"{'path':<42} {'median s':>9} {'min s':>8} {'steps/s':>8} {'samples/s':>10} "
-              f"{'ratio':>6} {'ratio(min)':>10} {'train acc':>9} {'test acc':>8}")
+              f"{'ratio':>6} {'ratio(min)':>10} {'cpu s':>7} {'train acc':>9} {'test acc':>8}")
     print()
     print(header)
     print("-" * len(header))
@@ -291,10 +309,11 @@ def main(argv=None) -> int:
         t = statistics.median(times[name])
         t_min = min(times[name])
         print(f"{name:<42} {t:>9.3f} {t_min:>8.3f} {expected_steps / t:>8.1f} {samples / t:>10.0f} "
-              f"{t / t_ref:>6.2f} {t_min / t_ref_min:>10.2f} "
+              f"{t / t_ref:>6.2f} {t_min / t_ref_min:>10.2f} {statistics.median(cpu[name]):>7.2f} "
               f"{accuracy(models[name], x, y):>9.3f} {accuracy(models[name], x_te, y_te):>8.3f}")
     print("\nratio = path median time / openworld median time, ratio(min) = the same with the fastest "
-          "repeat of each (> 1: openworld faster); steps/s and samples/s from the median; all times: "
+          "repeat of each (> 1: openworld faster); steps/s and samples/s from the median; cpu s = median "
+          "CPU seconds of the process (all threads; idle-spinning threads count); all wall times: "
           + "; ".join(f"{k.split(' ')[0]} {[round(v, 3) for v in vs]}" for k, vs in times.items()))
     print(f"load average at the end: {load_average()} (other processes on these cores make the times noisy)")
     return 0

@@ -25,8 +25,8 @@ HEADLINES = {
     "cil": ["avg_acc_tasks", "forgetting", "acc", "aia", "bwt"],
     "gcd": ["unlabelled/all_v2", "unlabelled/old_v2", "unlabelled/new_v2", "all_v2", "old_v2", "new_v2"],
     "ncd": ["acc", "nmi", "ari"],
-    "long_tail": ["acc", "many", "medium", "few"],
-    "open_set": ["hos", "os_star", "unk", "auroc", "fpr95", "closed_acc"],
+    "long_tail": ["uniform/acc", "uniform/many", "uniform/medium", "uniform/few", "forward50/acc", "backward50/acc"],
+    "open_set": ["target/hos", "target/os_star", "target/unk", "target/auroc", "target/fpr95", "target/closed_acc"],
 }
 
 

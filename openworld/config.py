@@ -69,6 +69,24 @@ class BaseSection(_Strict):
     selection: Literal["val", "last", "test"] = "val"
 
 
+class PretrainSection(_Strict):
+    """Backbone pre-training on data disjoint from the scenario (``RunContext.pretrained_backbone``).
+
+    ``classes``: the source's class ids to train on (null: all of them); ``per_class``: keep this
+    many training samples per class (hashed pick; null: all). Trained once per content hash and
+    shared by every strategy and seed (``seed`` is the pre-training's own seed).
+    """
+
+    data: DataConfig
+    classes: list[NonNegativeInt] | None = None
+    per_class: PositiveInt | None = None
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    optimizer: OptimizerSection = OptimizerSection(name="adamw", lr=1.0e-3, weight_decay=0.05)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: NonNegativeInt = 0
+
+
 class MetricsSection(_Strict):
     session_acc: Literal["sample", "batch_mean"] = "sample"
     hm_rounding: bool = False
@@ -82,6 +100,7 @@ class Recipe(_Strict):
     scenario: ScenarioConfig
     backbone: BackboneConfig
     base: BaseSection = BaseSection()
+    pretrain: PretrainSection | None = None
     strategies: dict[str, dict[str, Any]] = Field(min_length=1)
     seeds: list[NonNegativeInt] = Field([0], min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -316,6 +335,7 @@ def _check_components(recipe: Recipe) -> None:
     options = {k: v for k, v in recipe.scenario.data.model_dump().items() if k not in ("source", "root", "download")}
     check_params(loader, options, "scenario.data", skip={"root", "download"})
     backbone = recipe.backbone.model_dump()
+    _check_pretrain(recipe, backbone.pop("pretrain", None))
     factory = _get(BACKBONES, backbone.pop("name"), "backbone.name")
     check_params(factory, backbone, "backbone", skip={"in_channels", "input_size"})
     kind = getattr(scenario_cls, "kind", recipe.scenario.kind)
@@ -329,3 +349,26 @@ def _check_components(recipe: Recipe) -> None:
                 f"strategies.{key}: strategy {getattr(cls, 'name', key)!r} does not support scenario kind {kind!r} "
                 f"(it supports: {', '.join(sorted(supports)) or 'nothing'})"
             )
+
+
+def _check_pretrain(recipe: Recipe, in_backbone: Any) -> None:
+    """Validate the ``pretrain:`` section and hand it to the run context through the backbone block
+    (``backbone.pretrain``, so every cache key built from the backbone includes the pre-training)."""
+    if recipe.pretrain is None:
+        if in_backbone is not None:
+            raise ConfigError("backbone.pretrain: unknown key; declare pre-training as a top-level `pretrain:` section")
+        return
+    section = recipe.pretrain.model_dump(mode="json")
+    if in_backbone is not None and in_backbone != section:
+        raise ConfigError("backbone.pretrain: set by openworld from the top-level `pretrain:` section; remove it")
+    data = recipe.pretrain.data
+    loader = _get(DATASETS, data.source, "pretrain.data.source")
+    options = {k: v for k, v in data.model_dump().items() if k not in ("source", "root", "download")}
+    check_params(loader, options, "pretrain.data", skip={"root", "download"})
+    scen = recipe.scenario.data
+    if data.source == scen.source and data.root == scen.root and recipe.pretrain.classes is None:
+        raise ConfigError(
+            f"pretrain.classes: pre-training on the scenario's own source {data.source!r} with all classes would "
+            "leak the scenario's classes; list disjoint classes or use another source"
+        )
+    recipe.backbone.pretrain = section  # an extra field (BackboneConfig allows extras)

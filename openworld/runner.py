@@ -34,14 +34,17 @@ from openworld.registry import SCENARIOS
 from openworld.scenarios.base import EvalSet, Scenario
 from openworld.strategies.base import RunContext, TrainConfig, stable_hash
 
+# Scenario kinds whose test metrics feed the cross-session History (pd/avg/last, A_t, forgetting, …).
+CROSS_SESSION_KINDS = ("fscil", "cil")
+
 # Headline metrics of the summary table per scenario kind (metrics.md §10); summary keys.
 HEADLINES = {
     "fscil": ["avg", "pd", "last", "hm"],
     "cil": ["avg_acc_tasks", "forgetting", "acc", "aia"],
     "gcd": ["unlabelled/all_v2", "unlabelled/old_v2", "unlabelled/new_v2"],
     "ncd": ["acc", "nmi", "ari"],
-    "long_tail": ["acc", "many", "medium", "few"],
-    "open_set": ["hos", "os_star", "unk", "auroc", "fpr95", "closed_acc"],
+    "long_tail": ["uniform/acc", "uniform/many", "uniform/medium", "uniform/few", "forward50/acc", "backward50/acc"],
+    "open_set": ["target/hos", "target/os_star", "target/unk", "target/auroc", "target/fpr95", "target/closed_acc"],
 }
 
 
@@ -161,6 +164,7 @@ class Runner:
         self.stop_after_session = stop_after_session  # testing hook: simulates a kill after session i
         self._scenarios: dict[tuple, Scenario] = {}
         self._memo: dict = {}  # base models shared by strategies within this process
+        self._roc = None  # ROC points of the last open-set evaluation (for plots)
 
     # ------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -302,7 +306,7 @@ class Runner:
             sessions_out = json.loads(ckpt["sessions_json"])
             raw = json.loads(ckpt["raw_json"])
             ctx.global_step = int(ckpt["global_step"])
-            for r in raw:
+            for r in raw if kind in CROSS_SESSION_KINDS else []:
                 test = r["metrics"].get("test", {})
                 row = [test[f"task_{j:02d}/acc"] for j in range(r["index"] + 1) if f"task_{j:02d}/acc" in test]
                 if row:
@@ -348,15 +352,18 @@ class Runner:
             train_s = time.perf_counter() - t0
             if not self.main:
                 continue  # other ranks only train; rank 0 evaluates, logs and checkpoints
-            metrics, confusion, per_class, heads = {}, {}, {}, {}
+            metrics, confusion, per_class, heads, rocs = {}, {}, {}, {}, {}
             for set_name, eval_set in session.eval_sets.items():
+                self._roc = None
                 m, cm, pc, head = self.evaluate(strategy, eval_set, scenario.num_classes, features)
+                if self._roc is not None:
+                    rocs[set_name] = self._roc
                 metrics[set_name], confusion[set_name], per_class[set_name] = m, cm, pc
                 if head != "default":
                     heads[set_name] = head
             if recipe.metrics.hm_rounding and "test" in metrics:
                 _round_hm(metrics["test"])
-            if "test" in metrics:
+            if "test" in metrics and kind in CROSS_SESSION_KINDS:
                 test = metrics["test"]
                 row = [test[f"task_{j:02d}/acc"] for j in range(session.index + 1) if f"task_{j:02d}/acc" in test]
                 if row:
@@ -374,6 +381,7 @@ class Runner:
                 },
                 "confusion": confusion,
                 **({"reported_head": heads} if heads else {}),
+                **({"roc": rocs} if rocs else {}),
                 "train_seconds": round(train_s, 3),
                 "eval_seconds": round(time.perf_counter() - t0 - train_s, 3),
             }
@@ -494,6 +502,8 @@ class Runner:
         if "tasks" in eval_set.options:  # class-incremental: R[t][j] from the same counts
             for j, acc in enumerate(engine.task_accuracies(eval_set.options["tasks"])):
                 metrics[f"task_{j:02d}/acc"] = acc
+        if hasattr(engine, "roc_points"):
+            self._roc = engine.roc_points()
         cm, per_class = engine.confusion(), engine.per_class()
         if cm is not None and eval_set.classes:
             seen = list(eval_set.classes)

@@ -216,7 +216,8 @@ class ClusteringEngine:
             first ``logits`` observed (a host integer: no sync). Cluster ids ``>= K_pred`` are
             counted in an overflow column and make :meth:`compute` raise.
         variants: which Hungarian variants to report (``"v2"`` always; add ``"v2b"``, ``"v1"``).
-        mode: ``"gcd"`` → ``all_v2``, ``old_v2``, ``new_v2`` (+ variants), ``nmi``, ``ari``;
+        mode: ``"gcd"`` → ``all_v2``, ``old_v2``, ``new_v2`` (+ variants), ``acc`` (= ``all_v2``),
+            ``nmi``, ``ari``;
             ``"ncd"`` → ``acc`` (one Hungarian over the eval set, micro), ``nmi``, ``ari``.
 
     Keys are the ``specs/metrics.md`` §10 names. ``confusion()``/``per_class()`` return ``None``
@@ -319,6 +320,7 @@ class ClusteringEngine:
             r = cluster_accuracy_from_counts(w, self.old_classes, v) if w.size else {"all": _NAN, "old": _NAN,
                                                                                       "new": _NAN}
             out.update({f"all_{v}": r["all"], f"old_{v}": r["old"], f"new_{v}": r["new"]})
+        out["acc"] = out["all_v2"]  # the single-Hungarian micro accuracy (UNO/NCD key; = all_v2)
         out["nmi"] = nmi_from_counts(w)
         out["ari"] = ari_from_counts(w)
         return out

@@ -10,6 +10,10 @@ The protocol is the one of the FSCIL/TEEN card (``specs/fscil-teen.md`` §1):
   fallback (§1.5) built on :func:`pick`.
 * Session ``i`` is evaluated on **all** test images of classes ``0…B+iW-1``, ascending class then
   dataset order (§1.4).
+* ``holdout_unknown: H`` (default 0, off) never teaches the last H classes of the class order and adds
+  an ``open`` eval set per session (``task="open_set"``): the seen classes' test images plus those of
+  the H held-out classes, so the open-set metrics (``specs/metrics.md`` §8) are reported after every
+  session.
 
 Everything is computed lazily on first use and cached; the constructor only stores parameters.
 """
@@ -373,6 +377,7 @@ class FSCILScenario(Scenario):
         val_frac: float = 0.1,
         base_subsample: int | None = None,
         test_subsample: int | None = None,
+        holdout_unknown: int = 0,
         seed: int = 0,
     ):
         self.data = dict(data) if data is not None else {"source": "synth_hier"}
@@ -386,6 +391,7 @@ class FSCILScenario(Scenario):
         self.val_frac = val_frac
         self.base_subsample = base_subsample
         self.test_subsample = test_subsample
+        self.holdout_unknown = holdout_unknown
         self.seed = seed
         self._source = None
         self._plan: _Plan | None = None
@@ -408,6 +414,8 @@ class FSCILScenario(Scenario):
             "base_subsample": self.base_subsample,
             "test_subsample": self.test_subsample,
             "seed": self.seed,
+            # only when on, so existing recipes keep their split fingerprints (and cached base models)
+            **({"holdout_unknown": self.holdout_unknown} if self.holdout_unknown else {}),
         }
 
     def _validate_params(self) -> None:
@@ -421,6 +429,9 @@ class FSCILScenario(Scenario):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"scenario.{name}: a positive integer or null is required, got {value!r}")
+        h = self.holdout_unknown
+        if not isinstance(h, int) or isinstance(h, bool) or h < 0:
+            raise ValueError(f"scenario.holdout_unknown: a non-negative integer is required, got {h!r}")
         if self.num_sessions_ is not None and (not isinstance(self.num_sessions_, int) or self.num_sessions_ < 1):
             raise ValueError(
                 f"scenario.num_sessions: a positive integer or null is required, got {self.num_sessions_!r}"
@@ -496,16 +507,19 @@ class FSCILScenario(Scenario):
             if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
                 raise ValueError(f"data source {self.data['source']!r}: {what} labels outside 0…{num_classes - 1}")
         B, W = self.base_classes, self.ways
+        H = int(self.holdout_unknown)
+        num_taught = num_classes - H  # the last H classes of the order are never taught (open-set eval)
         if self.num_sessions_ is None:
-            if B > num_classes or (num_classes - B) % W:
+            if B > num_taught or (num_taught - B) % W:
                 raise ValueError(
-                    f"scenario: {num_classes} classes - base_classes {B} is not a multiple of ways {W}; "
+                    f"scenario: {num_taught} classes{' (after holdout_unknown)' if H else ''} - base_classes {B} "
+                    f"is not a multiple of ways {W}; "
                     "set num_sessions explicitly"
                 )
-            num_sessions = 1 + (num_classes - B) // W
+            num_sessions = 1 + (num_taught - B) // W
         else:
             num_sessions = self.num_sessions_
-        _check_layout(num_classes, B, W, num_sessions)
+        _check_layout(num_taught, B, W, num_sessions)
         order = class_order(num_classes, self.class_order, self.seed)
 
         if self.split_files is None:
@@ -673,6 +687,18 @@ class FSCILScenario(Scenario):
                 groups={"base": tuple(range(B)), "novel": tuple(range(B, seen_n))},
             )
         }
+        H = int(self.holdout_unknown)
+        if H:  # open-set evaluation: seen classes + the never-taught last H classes (metrics.md §8)
+            first_unknown = int(np.searchsorted(plan.test_sorted_labels, C - H, side="left"))
+            rows = np.concatenate([plan.test_sorted[:n_test], plan.test_sorted[first_unknown:]])
+            eval_sets["open"] = EvalSet(
+                data=test.subset(rows),
+                classes=(),
+                task="open_set",
+                options={"known_classes": list(seen), "unknown_classes": list(range(C - H, C)),
+                         "num_samples": len(rows)},
+            )
+            info["num_open"] = len(rows)
         return Session(
             index=index,
             name=f"session_{index}",
@@ -716,6 +742,8 @@ class FSCILScenario(Scenario):
                 "base_train_size": len(plan.base_train),
                 "test_sizes": test_sizes,
                 "test_hash": hash_indices(plan.test_sorted),
+                **({"holdout_unknown_classes": list(range(plan.num_classes - int(self.holdout_unknown),
+                                                          plan.num_classes))} if self.holdout_unknown else {}),
             }
         )
 

@@ -170,12 +170,78 @@ class RunContext:
 
     # -- models ----------------------------------------------------------------------------------
     def create_backbone(self) -> nn.Module:
+        """The recipe's backbone: freshly initialised, or (with a ``pretrain:`` section) a copy of the
+        pre-trained one (:meth:`pretrained_backbone`)."""
+        if self.backbone_cfg.get("pretrain"):
+            return self.pretrained_backbone()
+        return self._new_backbone()
+
+    def _new_backbone(self) -> nn.Module:
         from openworld.models import create_backbone
 
         cfg = dict(self.backbone_cfg)
+        cfg.pop("pretrain", None)
         name = cfg.pop("name")
         shape = tuple(self.scenario["input_shape"])
         return create_backbone(name, in_channels=shape[0] if len(shape) == 3 else 1, input_size=shape, **cfg)
+
+    def pretrained_backbone(self) -> nn.Module:
+        """The backbone trained by the recipe's ``pretrain:`` section (linear head + cross-entropy on
+        data disjoint from the scenario), its head dropped.
+
+        Trained once per content hash (backbone, pre-training section, input shape, training data)
+        and shared by every strategy and seed: in memory for this process, on disk in the cache.
+        """
+        cfg = dict(self.backbone_cfg)
+        pre = cfg.pop("pretrain", None)
+        if not pre:
+            raise ValueError("pretrained_backbone: the recipe has no `pretrain:` section")
+        shape = tuple(self.scenario["input_shape"])
+        memo_key = stable_hash({"what": "pretrained_backbone", "backbone": cfg, "pretrain": pre, "shape": shape})
+        if memo_key not in self._memo:
+            with torch.random.fork_rng(devices=[]):  # the run's global random stream is left untouched
+                self._memo[memo_key] = self._pretrain(pre, shape)
+        with torch.random.fork_rng(devices=[]):
+            encoder = self._new_backbone()
+        encoder.load_state_dict(self._memo[memo_key])
+        return encoder.to(self.device)
+
+    def _pretrain(self, pre: dict, shape: tuple) -> dict:
+        data, num_classes = _pretrain_data(pre)
+        sample = data.x[:1] if hasattr(data, "x") else None
+        if sample is not None:
+            if data.transforms is not None:
+                sample = data.transforms.test(sample)
+            if tuple(sample.shape[1:]) != shape:
+                raise ValueError(
+                    f"pretrain.data {pre['data']['source']!r} gives inputs of shape {tuple(sample.shape[1:])}, "
+                    f"the scenario {shape}; pick a source of the same shape (or its image_size option)"
+                )
+        key = stable_hash({"what": "pretrained_backbone", "backbone": {k: v for k, v in self.backbone_cfg.items()
+                                                                        if k != "pretrain"},
+                           "pretrain": pre, "shape": shape, "data": data.fingerprint()})
+        seed = int(pre.get("seed", 0))
+        torch.manual_seed(seed)
+        encoder = self._new_backbone()
+        cached = self.cache.load(key) if self.cache is not None else None
+        if cached is not None:
+            encoder.load_state_dict(cached["state_dict"])
+        else:
+            from openworld.models.heads import ClassifierNet, LinearClassifier
+
+            model = ClassifierNet(encoder, LinearClassifier(encoder.out_features, num_classes)).to(self.device)
+            opt = dict(pre.get("optimizer") or {})
+            train_cfg = TrainConfig(
+                epochs=int(pre["epochs"]), batch_size=int(pre["batch_size"]), optimizer=OptimizerConfig(**opt),
+                schedule=pre.get("schedule", "cosine"), selection="last",
+            )
+            info = train_classifier(model, data, cfg=train_cfg, ctx=self, num_active=num_classes,
+                                    generator=torch.Generator().manual_seed(seed), desc="pre-training")
+            encoder = model.encoder
+            if self.cache is not None:
+                self.cache.save(key, {"state_dict": encoder.state_dict()},
+                                meta={"tag": "pretrain", "num_classes": num_classes, "num_samples": len(data), **info})
+        return copy.deepcopy(encoder.state_dict())
 
     def create_classifier_net(self, num_classes: int | None = None) -> nn.Module:
         from openworld.models.heads import ClassifierNet, CosineClassifier
@@ -268,6 +334,33 @@ class RunContext:
         return tqdm(iterable, disable=not self.progress, dynamic_ncols=True, **kwargs)
 
 
+def _pretrain_data(pre: dict):
+    """The pre-training set of a ``pretrain:`` section: its source's training split, restricted to
+    ``classes`` (relabelled 0…n−1 in the order given) and ``per_class`` hashed picks per class."""
+    import numpy as np
+
+    from openworld.registry import DATASETS
+    from openworld.scenarios.fscil import pick
+
+    d = dict(pre["data"])
+    source, root, download = d.pop("source"), d.pop("root", None), bool(d.pop("download", False))
+    train = DATASETS.get(source)(root=root, download=download, **d).train
+    labels = train.targets.numpy()
+    available = sorted(int(c) for c in np.unique(labels))
+    classes = [int(c) for c in pre["classes"]] if pre.get("classes") is not None else available
+    missing = [c for c in classes if c not in available]
+    if missing:
+        raise ValueError(f"pretrain.classes: {missing} are not classes of {source!r} (it has {available[:20]}…)")
+    rows: list[int] = []
+    for c in classes:
+        c_rows = np.flatnonzero(labels == c)
+        n = pre.get("per_class")
+        rows.extend(pick(c_rows, min(int(n), len(c_rows)), "pretrain", 0, c) if n else c_rows.tolist())
+    mapping = torch.full((max(available) + 1,), -1, dtype=torch.long)
+    mapping[torch.as_tensor(classes)] = torch.arange(len(classes))
+    return train.subset(sorted(rows)).relabel(mapping).detach_origin(), len(classes)
+
+
 # ------------------------------------------------------------------------------------------------
 # Train loop
 # ------------------------------------------------------------------------------------------------
@@ -306,7 +399,12 @@ def train_classifier(
     epoch, card §2 Step 1); otherwise the last epoch's. One host sync per epoch: the loss of the
     epoch and the finiteness flag are read together.
     """
+    from openworld import distributed
+
     model.train()
+    world = distributed.world_size()
+    shard = (distributed.rank(), world) if world > 1 else None
+    train_model = distributed.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
     opt = make_optimizer(model.parameters() if params is None else params, cfg.optimizer)
     bs = batch_size or cfg.batch_size
     best_acc, best_state, best_epoch = -1.0, None, cfg.epochs - 1
@@ -320,9 +418,9 @@ def train_classifier(
         finite = torch.ones((), dtype=torch.bool, device=ctx.device)
         steps = 0
         for xb, yb in batches(data, bs, train=True, shuffle=True, device=ctx.device, generator=generator,
-                              num_workers=ctx.num_workers):
+                              num_workers=ctx.num_workers, shard=shard):
             with ctx.autocast():
-                logits = model(xb, num_active=num_active)
+                logits = train_model(xb, num_active=num_active)
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,356 @@
+"""Domain-adaptive open-set scenario ``open_set`` (``specs/open-set.md`` §§1–3, 7).
+
+A labelled **source** domain holding only the known classes, and an unlabelled **target** domain
+holding known and unknown classes. Each target domain is one session (one task): the strategy gets
+the source (``labeled``, with a stratified ``validation`` split carved from it) and the target set
+with hidden labels (``unlabeled``); it is evaluated on that same target set (transductive OSDA,
+card §1) by the ``open_set`` metrics engine. Where the target domain comes from:
+
+* ``target: {source: <dataset>, …}`` — a second dataset (e.g. MNIST → ``digits28``), all of its
+  samples (``target_split``);
+* ``corruptions: [gaussian_noise:3, contrast:5, clean, …]`` — the source's **test** split under each
+  CIFAR-10-C corruption × severity (:mod:`openworld.data.corruptions`), one session per domain, noise
+  from ``numpy.random.default_rng(seed·1000 + task_index)`` in test-set order;
+* neither — the data source is itself a domain pair (``office_home``, ``office31``, ``domainnet`` of
+  :mod:`openworld.data.domains`): its ``train`` is the source domain, its ``test`` the target domain.
+
+Labels: known classes ``known_classes`` (original ids, in order) become 0…|K|-1; the unknown classes
+``unknown_classes`` become |K|, |K|+1, … (so the engine keeps y_orig for ``unk_classmean`` and merges
+them to u = |K|). Every other class is dropped. The target eval set is declared as
+``EvalSet(data, classes=(), task="open_set", options={"known_classes": [0…|K|-1],
+"unknown_classes": [|K|…], "num_samples": n})``.
+
+Few-shot variant: ``target_shots: K`` draws K labelled target samples per known class (a |K|-way
+K-shot support, seeded) and adds them to ``labeled``; the target eval set is the remaining queries.
+The episodic DA-FSOS meta-test protocol (card §3.2) is not supported here (``protocol: dafsos``
+raises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+import openworld.data.domains  # noqa: F401  (registers digits28, office_home, office31, domainnet)
+from openworld.data.corruptions import corrupt, parse_domain
+from openworld.data.views import TensorData, concat
+from openworld.registry import DATASETS, register_scenario
+from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
+from openworld.scenarios.fscil import _jsonable, _labels
+
+PROTOCOLS = ("osda", "dafsos")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _load(spec: dict, what: str):
+    if not isinstance(spec, dict) or not spec.get("source"):
+        raise ValueError(f"scenario.{what}.source: a dataset name is required, e.g. {{source: mnist}}")
+    options = {k: v for k, v in spec.items() if k not in ("source", "root", "download")}
+    return DATASETS.get(spec["source"])(root=spec.get("root"), download=bool(spec.get("download", False)), **options)
+
+
+def first_per_class(labels: np.ndarray, classes: Sequence[int], n: int | None) -> np.ndarray:
+    """Rows of ``classes``, the first ``n`` per class in dataset order (all if ``n`` is None), ascending."""
+    rows = np.flatnonzero(np.isin(labels, np.asarray(list(classes), dtype=np.int64)))
+    if n is None:
+        return rows
+    keep = [rows[labels[rows] == c][:n] for c in classes]
+    return np.sort(np.concatenate(keep)) if keep else rows[:0]
+
+
+def stratified_split(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class (ascending id): ``numpy.random.default_rng(seed)`` permutation of its rows; the first
+    ``round(fraction·n_c)`` go to the held-out part. Returns ``(kept, held)``, both ascending."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(labels[rows]):
+        r = rows[labels[rows] == c]
+        n_val = int(round(fraction * len(r)))
+        if n_val >= len(r):
+            raise ValueError(f"validation split: class {c} has {len(r)} samples; holding out {n_val} leaves none")
+        held.append(r[rng.permutation(len(r))[:n_val]])
+    held_a = np.sort(np.concatenate(held)) if held else rows[:0]
+    return np.setdiff1d(rows, held_a), held_a
+
+
+def _join(a, b):
+    """Source data + target support; in-memory images of different dtypes meet as float in [0, 1]."""
+    if type(a) is not type(b):
+        raise ValueError("scenario.target_shots: source and target must both be in-memory or both file-based")
+    if isinstance(a, TensorData) and a.x.dtype != b.x.dtype:
+        def f(x):
+            return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+        a = TensorData(f(a.x), a.targets, a.transforms, a.name)
+        b = TensorData(f(b.x), b.targets, b.transforms, b.name)
+    return concat([a, b])
+
+
+@register_scenario("open_set")
+class OpenSetScenario(Scenario):
+    """Open-set domain adaptation: source (known classes, labelled) → target (known + unknown).
+
+    Parameters
+    ----------
+    data: the source dataset (``{source: mnist, root: …}``); a domain-pair dataset when neither
+        ``target`` nor ``corruptions`` is given.
+    known_classes: original class ids of the known classes, in order; an int n means ``0…n-1``.
+    unknown_classes: original ids of the target-unknown classes; ``None`` = every other class.
+    target: a second dataset for the target domain; ``target_split``: ``all`` | ``train`` | ``test``.
+    corruptions: target domains as ``name:severity`` (or ``clean``), one session each.
+    source_per_class / target_per_class: keep the first n samples per class (dataset order).
+    val_fraction, split_seed: the stratified source validation split (card §7.1).
+    target_shots: K labelled target samples per known class (few-shot variant; 0 = unlabelled).
+    transforms: ``source`` (the dataset's own) or ``cifar10`` (CIFAR-10 mean/std, crop+flip, card §7.2).
+    protocol: ``osda`` (``dafsos`` — episodic — is not supported).
+    seed: the run seed (set by the runner): corruption noise and the few-shot support draw.
+    """
+
+    kind = "open_set"
+
+    def __init__(
+        self,
+        *,
+        data: dict | None = None,
+        known_classes: int | Sequence[int] = 6,
+        unknown_classes: Sequence[int] | None = None,
+        target: dict | None = None,
+        target_split: str = "all",
+        corruptions: Sequence[Any] | None = None,
+        source_per_class: int | None = None,
+        target_per_class: int | None = None,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        target_shots: int = 0,
+        transforms: str = "source",
+        protocol: str = "osda",
+        seed: int = 0,
+    ):
+        self.data = dict(data) if data is not None else {"source": "mnist"}
+        self.known_classes = known_classes
+        self.unknown_classes = unknown_classes
+        self.target = dict(target) if target is not None else None
+        self.target_split = target_split
+        self.corruptions = list(corruptions) if corruptions is not None else None
+        self.source_per_class = source_per_class
+        self.target_per_class = target_per_class
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.target_shots = target_shots
+        self.transforms = transforms
+        self.protocol = protocol
+        self.seed = seed
+        self._plan: dict | None = None
+        self._corrupted: dict = {}
+
+    def get_params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (
+            "data", "known_classes", "unknown_classes", "target", "target_split", "corruptions", "source_per_class",
+            "target_per_class", "val_fraction", "split_seed", "target_shots", "transforms", "protocol", "seed")}
+
+    # -- validation ----------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"scenario.protocol: allowed values are {', '.join(PROTOCOLS)}; got {self.protocol!r}")
+        if self.protocol == "dafsos":
+            raise ValueError(
+                "scenario.protocol: 'dafsos' (episodic meta-train/meta-test, card §3.2) is not supported; use "
+                "protocol 'osda' with target_shots: K for a labelled K-shot target support"
+            )
+        if self.target is not None and self.corruptions is not None:
+            raise ValueError("scenario: give either `target` (a second dataset) or `corruptions`, not both")
+        if self.target_split not in ("all", "train", "test"):
+            raise ValueError(f"scenario.target_split: allowed values are all, train, test; got {self.target_split!r}")
+        if self.transforms not in ("source", "cifar10"):
+            raise ValueError(f"scenario.transforms: allowed values are source, cifar10; got {self.transforms!r}")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise ValueError(f"scenario.val_fraction: a number in (0, 1) is required, got {self.val_fraction!r}")
+        if not isinstance(self.target_shots, int) or self.target_shots < 0:
+            raise ValueError(f"scenario.target_shots: a non-negative integer is required, got {self.target_shots!r}")
+        for name in ("source_per_class", "target_per_class"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"scenario.{name}: a positive integer or null is required, got {v!r}")
+        if self.corruptions is not None:
+            if not self.corruptions:
+                raise ValueError("scenario.corruptions: at least one domain is required")
+            for c in self.corruptions:
+                parse_domain(c)
+
+    # -- plan ------------------------------------------------------------------------------------------
+    def _build(self) -> dict:
+        if self._plan is not None:
+            return self._plan
+        self._validate()
+        src = _load(self.data, "data")
+        if self.transforms == "cifar10":
+            from openworld.data.transforms import BatchTransform
+            from openworld.data.views import TransformPair
+
+            norm = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+            pair = TransformPair(BatchTransform(name="cifar10/crop_flip:train", pad=4, flip=True, **norm),
+                                 BatchTransform(name="cifar10:test", **norm), batched=True, name="cifar10/crop_flip")
+            src = src.with_transforms(pair)
+        tgt_src = _load(self.target, "target") if self.target is not None else None
+        n_cls = len(src.classes)
+        known = list(range(self.known_classes)) if isinstance(self.known_classes, int) else \
+            [int(c) for c in self.known_classes]
+        if not known or len(set(known)) != len(known) or min(known) < 0 or max(known) >= n_cls:
+            raise ValueError(
+                f"scenario.known_classes: distinct ids in 0…{n_cls - 1} required, got {self.known_classes}"
+            )
+        if self.unknown_classes is None:
+            unknown = [c for c in range(n_cls) if c not in set(known)]
+        else:
+            unknown = [int(c) for c in self.unknown_classes]
+            if set(unknown) & set(known) or (unknown and (min(unknown) < 0 or max(unknown) >= n_cls)):
+                raise ValueError(f"scenario.unknown_classes: ids in 0…{n_cls - 1} disjoint from known_classes, "
+                                 f"got {self.unknown_classes}")
+        k = len(known)
+        mapping = np.full(n_cls, -1, dtype=np.int64)
+        mapping[known] = np.arange(k)
+        mapping[unknown] = k + np.arange(len(unknown))
+
+        s_labels = _labels(src.train)
+        s_rows = first_per_class(s_labels, known, self.source_per_class)
+        s_train, s_val = stratified_split(s_labels, s_rows, float(self.val_fraction), int(self.split_seed))
+        if self.corruptions is not None:
+            t_data = src.test
+            domains = [parse_domain(c) for c in self.corruptions]
+        elif tgt_src is not None:
+            if len(tgt_src.classes) != n_cls:
+                raise ValueError(f"scenario.target: {len(tgt_src.classes)} classes, the source has {n_cls}")
+            parts = {"all": [tgt_src.train, tgt_src.test], "train": [tgt_src.train], "test": [tgt_src.test]}
+            t_data = concat([p for p in parts[self.target_split] if len(p)])
+            domains = [(f"{tgt_src.name}", -1)]
+        else:
+            t_data = src.test
+            domains = [(str(src.info.get("dataset", src.name)) + "_target", -1)]
+        t_labels = _labels(t_data)
+        t_rows = first_per_class(t_labels, known + unknown, self.target_per_class)
+        support = np.zeros(0, dtype=np.int64)
+        if self.target_shots:
+            rng = np.random.default_rng([int(self.seed), 7])
+            picks = []
+            for c in known:
+                r = t_rows[t_labels[t_rows] == c]
+                if len(r) <= self.target_shots:
+                    raise ValueError(f"scenario.target_shots: class {c} has {len(r)} target samples, "
+                                     f"{self.target_shots} shots leave no query")
+                picks.append(np.sort(rng.choice(r, self.target_shots, replace=False)))
+            support = np.sort(np.concatenate(picks))
+            t_rows = np.setdiff1d(t_rows, support)
+        names = tuple(str(src.classes[c]) for c in known + unknown)
+        self._plan = {
+            "src": src, "tgt_src": tgt_src, "t_data": t_data, "known": known, "unknown": unknown, "k": k,
+            "mapping": torch.as_tensor(mapping), "s_train": s_train, "s_val": s_val, "t_rows": t_rows,
+            "support": support, "domains": domains, "names": names,
+        }
+        return self._plan
+
+    # -- target domains ------------------------------------------------------------------------------------
+    def _target(self, index: int):
+        """Target data of domain ``index``, relabelled (corrupted copies cached per (name, severity, seed))."""
+        plan = self._build()
+        name, severity = plan["domains"][index]
+        data = plan["t_data"]
+        if self.corruptions is not None and name != "clean":
+            key = (name, severity, int(self.seed))
+            if key not in self._corrupted:
+                if not isinstance(data, TensorData) or data.x.dtype != torch.uint8 or data.x.dim() != 4:
+                    raise ValueError("scenario.corruptions: needs an in-memory uint8 image source (e.g. cifar10)")
+                rng = np.random.default_rng(int(self.seed) * 1000 + index)
+                x = data.x.numpy()
+                nchw = x.shape[1] in (1, 3)
+                out = corrupt(x, name, severity, rng, layout="NCHW" if nchw else "NHWC")
+                self._corrupted[key] = TensorData(torch.from_numpy(out), data.targets, data.transforms,
+                                                  f"{data.name}@{name}:{severity}")
+            data = self._corrupted[key]
+        return data.relabel(plan["mapping"])
+
+    def domain_name(self, index: int) -> str:
+        name, severity = self._build()["domains"][index]
+        return name if severity <= 0 else f"{name}_s{severity}"
+
+    # -- Scenario API ------------------------------------------------------------------------------------
+    @property
+    def num_sessions(self) -> int:
+        return len(self.corruptions) if self.corruptions is not None else 1
+
+    @property
+    def num_classes(self) -> int:
+        plan = self._build()
+        return plan["k"] + len(plan["unknown"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        plan = self._build()
+        train = plan["src"].train
+        if hasattr(train, "x"):
+            x = train.x[:1]
+            if train.transforms is not None:
+                x = train.transforms.test(x)
+            return tuple(int(s) for s in x.shape[1:])
+        return tuple(int(s) for s in np.asarray(train[0][0]).shape)
+
+    def sessions(self) -> Iterator[Session]:
+        for i in range(self.num_sessions):
+            yield self.session(i)
+
+    def session(self, index: int) -> Session:
+        plan = self._build()
+        if not 0 <= index < self.num_sessions:
+            raise IndexError(f"scenario has {self.num_sessions} sessions, asked for {index}")
+        k, n_unk = plan["k"], len(plan["unknown"])
+        src_train = plan["src"].train.relabel(plan["mapping"])
+        labeled = src_train.subset(plan["s_train"])
+        validation = src_train.subset(plan["s_val"])
+        target = self._target(index)
+        queries = target.subset(plan["t_rows"])
+        info: dict[str, Any] = {"domain": self.domain_name(index), "num_source": len(labeled),
+                                "num_validation": len(validation), "num_target": len(queries)}
+        if len(plan["support"]):
+            shots = target.subset(plan["support"])
+            info["target_support"] = shots
+            info["num_target_support"] = len(shots)
+            labeled = _join(labeled, shots)
+        known = tuple(range(k))
+        counts = np.bincount(labeled.targets.numpy(), minlength=k + n_unk)
+        classes = ClassInfo(num_classes=k + n_unk, seen=known, new=known if index == 0 else (), base=known,
+                            known=known, train_counts=tuple(int(c) for c in counts), names=plan["names"])
+        options = {"known_classes": list(known), "unknown_classes": list(range(k, k + n_unk)),
+                   "num_samples": len(queries)}
+        eval_sets = {
+            "target": EvalSet(data=queries, classes=(), task="open_set", options=options),
+            "source_val": EvalSet(data=validation, classes=known),
+        }
+        return Session(index=index, name=self.domain_name(index), classes=classes, labeled=labeled,
+                       unlabeled=queries, validation=validation, eval_sets=eval_sets, info=info)
+
+    def describe(self) -> dict[str, Any]:
+        plan = self._build()
+        src = plan["src"]
+        t_labels = _labels(plan["t_data"])[plan["t_rows"]]
+        return _jsonable({
+            "kind": self.kind,
+            "params": self.get_params(),
+            "source": {"name": src.name, "num_train": len(src.train), "num_test": len(src.test),
+                       "info": src.info},
+            "target_source": None if plan["tgt_src"] is None else {"name": plan["tgt_src"].name,
+                                                                   "info": plan["tgt_src"].info},
+            "known_classes": plan["known"],
+            "unknown_classes": plan["unknown"],
+            "class_names": list(plan["names"]),
+            "domains": [self.domain_name(i) for i in range(self.num_sessions)],
+            "source_train_hash": hash_indices(plan["s_train"]),
+            "source_val_hash": hash_indices(plan["s_val"]),
+            "target_hash": hash_indices(plan["t_rows"]),
+            "target_support_hash": hash_indices(plan["support"]),
+            "sizes": {"source_train": len(plan["s_train"]), "source_val": len(plan["s_val"]),
+                      "target": len(plan["t_rows"]), "target_known": int((np.isin(t_labels, plan["known"])).sum()),
+                      "target_support": len(plan["support"])},
+        })

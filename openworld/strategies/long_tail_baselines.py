@@ -1,0 +1,279 @@
+"""Long-tail baselines (card ``long-tail-sade-rcal`` §2.6) and the training loop SADE/RCAL share.
+
+* ``ce`` — plain cross-entropy; predict ``argmax v``.
+* ``balanced_softmax`` — train with ``CE(v + log π, y)``; predict ``argmax v``.
+* ``logit_adjustment`` — Menon et al.: ``mode="posthoc"`` (default) trains with CE and predicts
+  ``argmax(v − τ·log π)``; ``mode="loss"`` trains with ``CE(v + τ·log π, y)`` and predicts ``argmax v``.
+
+π is always the prior of the **observed** (possibly noisy) training counts, ``log(π + ε)`` with
+ε = 1e-9 (SADE's constant, so an absent class gives a finite offset). The network is the recipe's
+backbone as a single branch at full width (a multi-expert layout such as ``resnet32_experts``
+becomes its one-expert twin) with a linear classifier. Training follows the LT schedule of the card
+(§2.3, scaled per §9): SGD + Nesterov, linear warm-up over ``warmup_epochs`` (default
+``ceil(E/40)``), ×``gamma`` at ``milestones`` (default ``0.8E`` and ``0.9E``). Checkpoint selection
+(§1.5): ``val`` (default; best balanced accuracy on the session's validation split, whose labels
+may be noisy), or ``last``. ``test`` selection is not supported (it would need the runner to hand
+over a test set under a flag; the card's pitfall 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from openworld.data.views import batches
+from openworld.models.experts import single_branch_backbone
+from openworld.registry import register_strategy
+from openworld.strategies.base import NonFiniteLossError, Prediction, Strategy
+
+EPS = 1e-9
+CHECKPOINTS = ("val", "last")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces (unit-tested against the card's vectors)
+# ------------------------------------------------------------------------------------------------
+def prior_from_counts(counts: Sequence[int] | Tensor, device=None) -> Tensor:
+    """``π_c = n_c / N`` (float32)."""
+    n = torch.as_tensor(list(counts) if not isinstance(counts, Tensor) else counts, dtype=torch.float64)
+    if n.sum() <= 0:
+        raise ValueError("prior_from_counts: no training sample")
+    return (n / n.sum()).to(device=device, dtype=torch.float32)
+
+
+def balanced_softmax_loss(logits: Tensor, y: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:
+    """``CE(v + τ·log(π + ε), y)`` — Balanced Softmax (τ = 1) / loss-form logit adjustment."""
+    return F.cross_entropy(logits + tau * torch.log(prior + EPS), y)
+
+
+def posthoc_adjust(logits: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:
+    """Post-hoc logit adjustment: ``v − τ·log(π + ε)``."""
+    return logits - tau * torch.log(prior + EPS)
+
+
+# ------------------------------------------------------------------------------------------------
+# LT training schedule and loop
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LTSchedule:
+    """``lr(e) = lr · gamma^{#milestones ≤ e} · ((e+1)/warmup if e < warmup)`` (card §2.3)."""
+
+    epochs: int
+    lr: float
+    warmup_epochs: int | None = None
+    milestones: Sequence[int] | None = None
+    gamma: float = 0.1
+
+    def resolved(self) -> tuple[int, tuple[int, ...]]:
+        warm = math.ceil(self.epochs / 40) if self.warmup_epochs is None else int(self.warmup_epochs)
+        ms = (int(0.8 * self.epochs), int(0.9 * self.epochs)) if self.milestones is None else tuple(self.milestones)
+        return warm, tuple(int(m) for m in ms)
+
+    def lr_at(self, epoch: int) -> float:
+        warm, ms = self.resolved()
+        lr = self.lr * self.gamma ** sum(1 for m in ms if m <= epoch)
+        if epoch < warm:
+            lr *= (epoch + 1) / warm
+        return lr
+
+
+def check_checkpoint(value: str) -> str:
+    if value == "test":
+        raise ValueError(
+            "checkpoint: 'test' (selecting epochs on the test set, the official SADE CIFAR protocol) is not "
+            "supported by the long_tail scenario: the runner hands no test set to strategies; use 'val' or 'last'"
+        )
+    if value not in CHECKPOINTS:
+        raise ValueError(f"checkpoint: allowed values are {', '.join(CHECKPOINTS)}; got {value!r}")
+    return value
+
+
+@torch.no_grad()
+def balanced_accuracy_of(predict: Callable[[Tensor], Tensor], data, num_classes: int, device, batch_size: int = 256,
+                         num_workers: int = 0) -> float:
+    """Mean per-class recall (classes present in ``data``) of ``argmax predict(x)``; one host sync."""
+    k = num_classes
+    counts = torch.zeros(k * k, dtype=torch.long, device=device)
+    for xb, yb in batches(data, batch_size, device=device, num_workers=num_workers):
+        p = predict(xb).argmax(1)
+        counts.scatter_add_(0, yb.clamp(0, k - 1) * k + p.clamp(0, k - 1), (yb >= 0).long())
+    cm = counts.view(k, k).double()
+    support = cm.sum(1)
+    rec = torch.diagonal(cm) / support.clamp(min=1)
+    present = support > 0
+    return float(rec[present].mean()) if bool(present.any()) else float("nan")
+
+
+def fit(
+    module: nn.Module,
+    data,
+    loss_fn: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]],
+    *,
+    ctx,
+    schedule: LTSchedule,
+    batch_size: int,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+    checkpoint: str = "val",
+    validate: Callable[[], float] | None = None,
+    generator: torch.Generator | None = None,
+    param_groups=None,
+    desc: str = "training",
+) -> dict:
+    """SGD over ``data`` with ``loss_fn(x, y) -> (loss, {name: term})``; one host sync per epoch.
+
+    ``checkpoint="val"`` keeps the state with the best ``validate()`` (ties keep the later epoch).
+    ``param_groups``: optional list of ``{"params": …, "lr_scale": s}`` (each group's LR = s·lr(e)).
+    """
+    groups = param_groups or [{"params": [p for p in module.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    opt = torch.optim.SGD([{"params": g["params"]} for g in groups], lr=schedule.lr, momentum=momentum,
+                          nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+    best, best_state, best_epoch = -1.0, None, schedule.epochs - 1
+    history = []
+    module.train()
+    for epoch in ctx.progress_bar(range(schedule.epochs), desc=desc, unit="ep"):
+        lr = schedule.lr_at(epoch)
+        for g, spec in zip(opt.param_groups, groups):
+            g["lr"] = lr * float(spec.get("lr_scale", 1.0))
+        total = torch.zeros((), device=ctx.device)
+        finite = torch.ones((), dtype=torch.bool, device=ctx.device)
+        steps = 0
+        for xb, yb in batches(data, batch_size, train=True, shuffle=True, device=ctx.device, generator=generator,
+                              num_workers=ctx.num_workers):
+            loss, parts = loss_fn(xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ld = loss.detach()
+            finite &= torch.isfinite(ld)
+            total += ld
+            steps += 1
+            ctx.log_train({"loss": ld, **{f"loss_{k}": v.detach() for k, v in parts.items()}, "lr": lr,
+                           "epoch": epoch})
+        if not bool(finite):
+            raise NonFiniteLossError(f"{desc}: non-finite loss in epoch {epoch} (lr {lr:g})")
+        record = {"epoch": epoch, "loss": float(total) / max(steps, 1), "lr": lr}
+        if checkpoint == "val" and validate is not None:
+            module.eval()
+            score = validate()
+            module.train()
+            record["val_balanced_acc"] = score
+            if score >= best:
+                best, best_epoch = score, epoch
+                best_state = copy.deepcopy(module.state_dict())
+        history.append(record)
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return {"best_epoch": best_epoch, "best_val": best if best_state is not None else None, "history": history}
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines
+# ------------------------------------------------------------------------------------------------
+class _LTClassifier(Strategy):
+    """Single-branch network + linear head trained with a (prior-adjusted) cross-entropy."""
+
+    supports = frozenset({"long_tail"})
+    train_tau = 0.0      # τ of the loss offset (0 = plain CE)
+    predict_tau = 0.0    # τ of the post-hoc offset subtracted at prediction
+
+    def __init__(self, epochs: int = 30, batch_size: int = 128, lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 5e-4, warmup_epochs: int | None = None,
+                 milestones: Sequence[int] | None = None, gamma: float = 0.1, checkpoint: str = "val"):
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.warmup_epochs = warmup_epochs
+        self.milestones = None if milestones is None else list(milestones)
+        self.gamma = gamma
+        self.checkpoint = check_checkpoint(checkpoint)
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.net = None
+        self.prior = None
+        self.info: dict = {}
+
+    def _build(self) -> nn.Module:
+        enc = single_branch_backbone(self.ctx.backbone_cfg, self.ctx.scenario["input_shape"])
+        return nn.Sequential(enc, nn.Linear(enc.out_features, self.ctx.scenario["num_classes"])).to(self.ctx.device)
+
+    def learn(self, session) -> None:
+        c = session.classes.num_classes
+        self.prior = prior_from_counts(session.classes.train_counts, self.ctx.device)
+        torch.manual_seed(self.ctx.derive_seed("lt_classifier", "init"))  # same init for every baseline
+        self.net = self._build()
+        offset = self.train_tau * torch.log(self.prior + EPS)
+
+        def loss_fn(x, y):
+            return F.cross_entropy(self.net(x) + offset, y), {}
+
+        val = session.validation
+        validate = None
+        if val is not None and len(val):
+            def validate():
+                return balanced_accuracy_of(self._scores, val, c, self.ctx.device, self.ctx.eval_batch_size)
+        gen = torch.Generator().manual_seed(self.ctx.derive_seed("lt_classifier", "train"))
+        self.info = fit(self.net, session.labeled, loss_fn, ctx=self.ctx, schedule=self._schedule(),
+                        batch_size=self.batch_size, momentum=self.momentum, weight_decay=self.weight_decay,
+                        checkpoint=self.checkpoint, validate=validate, generator=gen, desc=f"{type(self).__name__}")
+
+    def _schedule(self) -> LTSchedule:
+        return LTSchedule(self.epochs, self.lr, self.warmup_epochs, self.milestones, self.gamma)
+
+    def _scores(self, x: Tensor) -> Tensor:
+        v = self.net(x).float()
+        return v - self.predict_tau * torch.log(self.prior + EPS) if self.predict_tau else v
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        self.net.eval()
+        return Prediction(logits=self._scores(x))
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "prior": self.prior.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net = self._build()
+        self.net.load_state_dict(state["net"])
+        self.net.eval()
+        self.prior = state["prior"].to(self.ctx.device)
+
+
+@register_strategy("ce")
+class CE(_LTClassifier):
+    """Plain cross-entropy on the long-tailed (possibly noisy) training set (card §2.6)."""
+
+
+@register_strategy("balanced_softmax")
+class BalancedSoftmax(_LTClassifier):
+    """Balanced Softmax: train with ``CE(v + log π, y)``, predict ``argmax v`` (card §2.6)."""
+
+    train_tau = 1.0
+
+
+@register_strategy("logit_adjustment")
+class LogitAdjustment(_LTClassifier):
+    """Logit adjustment (Menon et al.): ``mode="posthoc"`` trains with CE and predicts
+    ``argmax(v − τ·log π)``; ``mode="loss"`` trains with ``CE(v + τ·log π)`` and predicts ``argmax v``."""
+
+    def __init__(self, tau: float = 1.0, mode: str = "posthoc", epochs: int = 30, batch_size: int = 128,
+                 lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4, warmup_epochs: int | None = None,
+                 milestones: Sequence[int] | None = None, gamma: float = 0.1, checkpoint: str = "val"):
+        if mode not in ("posthoc", "loss"):
+            raise ValueError(f"logit_adjustment: mode must be 'posthoc' or 'loss', got {mode!r}")
+        super().__init__(epochs, batch_size, lr, momentum, weight_decay, warmup_epochs, milestones, gamma, checkpoint)
+        self.tau = tau
+        self.mode = mode
+        self.train_tau = float(tau) if mode == "loss" else 0.0
+        self.predict_tau = float(tau) if mode == "posthoc" else 0.0
