@@ -100,6 +100,10 @@ class TensorBoardLogger:
         if arr.size:
             self.writer.add_histogram(tag, arr, step)
 
+    def image(self, tag: str, img_hwc, step: int) -> None:
+        if self.enabled:
+            self.writer.add_image(tag, img_hwc, step, dataformats="HWC")
+
     def text(self, tag: str, text: str, step: int) -> None:
         if self.enabled:
             self.writer.add_text(tag, text, step)

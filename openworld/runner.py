@@ -391,6 +391,13 @@ class Runner:
                     tb.scalar(f"eval/{set_name}/{name}", value, session.index)
                 if set_name in rec["per_class_acc"]:
                     tb.histogram(f"eval/{set_name}/per_class_acc", rec["per_class_acc"][set_name], session.index)
+            test_set = session.eval_sets.get("test")
+            if test_set is not None and "tasks" in test_set.options and self.tensorboard:
+                from openworld.plots import acc_matrix_image, acc_matrix_table
+
+                matrix = history.acc_matrix(session.index) * 100
+                tb.image("eval/test/acc_matrix", acc_matrix_image(matrix), session.index)
+                tb.text("eval/test/acc_matrix", acc_matrix_table(matrix), session.index)
             tb.flush()
             atomic_torch_save(
                 {

@@ -109,3 +109,32 @@ def test_sweep_slurm_path_through_submitit_local_executor(tmp_path):
     assert [job.result() for job in submitted] == [0]
     res = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert res["status"] == "finished"
+
+
+def test_compare_across_two_scenario_kinds(runs, tmp_path):
+    """FSCIL runs and open-set runs in one comparison: one table, and each kind's plots."""
+    import yaml
+
+    recipe = {
+        "name": "open_digits",
+        "scenario": {"kind": "open_set", "data": {"source": "digits"}, "known_classes": [0, 1, 2, 3, 4, 5],
+                     "unknown_classes": [6, 7, 8, 9]},
+        "backbone": {"name": "mlp", "hidden": [64], "out_features": 32},
+        "base": {"epochs": 4, "batch_size": 64, "optimizer": {"name": "adam", "lr": 0.01, "weight_decay": 0.0},
+                 "schedule": "constant", "selection": "last"},
+        "strategies": {"msp": {}, "energy": {}},
+        "seeds": [0, 1],
+        "device": "cpu",
+    }
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with open(tmp_path / "log.txt", "w") as log:
+        Runner(load_recipe(path), out=tmp_path / "runs", progress=False, stream=log).run()
+    result = compare([runs, tmp_path / "runs"])
+    labels = {g.label for g in result.groups}
+    assert {"quickstart/ncm", "open_digits/msp", "open_digits/energy"} <= labels
+    assert {"avg", "last", "target/auroc", "target/hos"} <= set(result.metrics)
+    assert result.table["open_digits/msp"]["target/auroc"].mean > 60
+    assert result.table["quickstart/ncm"]["target/auroc"].mean is None  # not an open-set run
+    names = {p.name for p in plot(result, tmp_path / "plots")}
+    assert {"acc_per_session.png", "fscil_base_novel_hm.png", "open_set_roc.png"} <= names
