@@ -61,11 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sw = sub.add_parser("sweep", help="run a grid of overrides × seeds locally or as a SLURM array")
     sw.add_argument("recipe")
-    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                    help="a recipe field and its values, e.g. --grid strategies.teen.shift_weight=0,0.1,0.5 (repeatable)")
+    sw.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a recipe field and its values, e.g. --grid strategies.teen.shift_weight=0,0.1,0.5 (repeatable)",
+    )
     sw.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the recipe's)")
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="fixed override applied to every job")
+    sw.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fixed override applied to every job",
+    )
     sw.add_argument("--out", default="runs/sweeps", help="sweep root; each grid point gets <out>/<tag>/")
     sw.add_argument("--launcher", choices=["local", "slurm"], default="local")
     sw.add_argument("--workers", type=int, default=1, help="local: parallel processes")
@@ -150,8 +161,11 @@ def cmd_compare(args) -> int:
     (out / "compare.md").write_text(result.to_markdown() + "\n")
     (out / "compare.csv").write_text(result.to_csv())
     write_json(out / "compare.json", result.to_json())
-    text = {"markdown": result.to_markdown, "csv": result.to_csv,
-            "json": lambda: json.dumps(result.to_json(), indent=2, default=str)}[args.format]()
+    text = {
+        "markdown": result.to_markdown,
+        "csv": result.to_csv,
+        "json": lambda: json.dumps(result.to_json(), indent=2, default=str),
+    }[args.format]()
     print(text)
     if args.plot:
         for path in plot(result, args.plot):
@@ -174,17 +188,28 @@ def cmd_sweep(args) -> int:
         return EXIT_CONFIG
     out = Path(args.out)
     manifest = write_manifest(jobs, out, grid)
-    print(f"sweep: {len(jobs)} job(s) ({len(jobs) // max(1, len(set(j.seed for j in jobs)))} grid point(s)) → {out}"
-          f" (manifest {manifest})")
+    print(
+        f"sweep: {len(jobs)} job(s) ({len(jobs) // max(1, len(set(j.seed for j in jobs)))} grid point(s)) → {out}"
+        f" (manifest {manifest})"
+    )
     if args.dry_run:
         for j in jobs:
             print(f"  {j.tag} seed {j.seed}: openworld {' '.join(j.argv())}")
         return 0
     if args.launcher == "slurm":
-        submitted = run_slurm(jobs, out / ".submitit", partition=args.partition, gpus=args.gpus, cpus=args.cpus,
-                              time_min=args.time, mem_gb=args.mem_gb)
-        print(f"submitted array job {submitted[0].job_id.split('_')[0]} ({len(submitted)} tasks); "
-              f"when done: openworld compare {out}")
+        submitted = run_slurm(
+            jobs,
+            out / ".submitit",
+            partition=args.partition,
+            gpus=args.gpus,
+            cpus=args.cpus,
+            time_min=args.time,
+            mem_gb=args.mem_gb,
+        )
+        print(
+            f"submitted array job {submitted[0].job_id.split('_')[0]} ({len(submitted)} tasks); "
+            f"when done: openworld compare {out}"
+        )
         return 0
     codes = run_local(jobs, args.workers, out / "logs")
     failed = [j for j, c in zip(jobs, codes) if c != 0]
@@ -209,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare,
-               "sweep": cmd_sweep}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare, "sweep": cmd_sweep}[
+        args.command
+    ]
     return handler(args)
 
 

@@ -303,7 +303,9 @@ def signature_model(func, name: str, skip: set[str] = frozenset()) -> tuple[type
         ann = hints.get(p.name, Any)
         default = ... if p.default is inspect.Parameter.empty else p.default
         fields[p.name] = (ann, default)
-    model = create_model(f"{name}_params", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields)
+    model = create_model(
+        f"{name}_params", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+    )
     return model, list(fields)
 
 

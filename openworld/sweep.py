@@ -39,7 +39,9 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not values.strip():
-            raise ConfigError(f"--grid {item!r}: expected key.path=v1,v2,… (e.g. --grid strategies.teen.shift_weight=0,0.1)")
+            raise ConfigError(
+                f"--grid {item!r}: expected key.path=v1,v2,… (e.g. --grid strategies.teen.shift_weight=0,0.1)"
+            )
         grid[key.strip()] = [v.strip() for v in _split_values(values)]
     return grid
 
@@ -68,8 +70,9 @@ def _tag(point: dict[str, str]) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in "__".join(parts))
 
 
-def expand(recipe_path: str, grid: dict[str, list[str]], seeds: list[int] | None, out: str,
-           extra: list[str] = ()) -> list[Job]:
+def expand(
+    recipe_path: str, grid: dict[str, list[str]], seeds: list[int] | None, out: str, extra: list[str] = ()
+) -> list[Job]:
     """Every grid point × seed, each validated as a recipe before anything runs."""
     keys = list(grid)
     jobs = []
@@ -100,16 +103,31 @@ def run_local(jobs: list[Job], workers: int, log_dir: Path) -> list[int]:
     def launch(job: Job) -> int:
         log = log_dir / f"{job.tag}_seed{job.seed}.log"
         with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, "-m", "openworld", *job.argv()], stdout=f, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+            proc = subprocess.run(
+                [sys.executable, "-m", "openworld", *job.argv()],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                check=False,
+            )
         return proc.returncode
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(launch, jobs))
 
 
-def run_slurm(jobs: list[Job], folder: Path, *, partition: str | None, gpus: int, cpus: int, time_min: int,
-              mem_gb: int | None, cluster: str | None = None, array_parallelism: int = 64):
+def run_slurm(
+    jobs: list[Job],
+    folder: Path,
+    *,
+    partition: str | None,
+    gpus: int,
+    cpus: int,
+    time_min: int,
+    mem_gb: int | None,
+    cluster: str | None = None,
+    array_parallelism: int = 64,
+):
     """Submit one job array through submitit; returns the submitit jobs (``cluster="local"`` or
     ``"debug"`` runs them here, which is how the tests exercise this path)."""
     try:
@@ -117,8 +135,13 @@ def run_slurm(jobs: list[Job], folder: Path, *, partition: str | None, gpus: int
     except ImportError:
         raise RuntimeError("--launcher slurm needs submitit: pip install 'openworld[slurm]'") from None
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params = {"timeout_min": time_min, "gpus_per_node": gpus, "cpus_per_task": cpus, "name": "openworld",
-              "slurm_array_parallelism": array_parallelism}
+    params = {
+        "timeout_min": time_min,
+        "gpus_per_node": gpus,
+        "cpus_per_task": cpus,
+        "name": "openworld",
+        "slurm_array_parallelism": array_parallelism,
+    }
     if partition:
         params["slurm_partition"] = partition
     if mem_gb:
@@ -130,7 +153,9 @@ def run_slurm(jobs: list[Job], folder: Path, *, partition: str | None, gpus: int
 def write_manifest(jobs: list[Job], out: Path, grid: dict[str, list[str]]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "sweep.yaml"
-    manifest = {"grid": grid, "jobs": [{"tag": j.tag, "seed": j.seed, "overrides": list(j.overrides), "out": j.out}
-                                       for j in jobs]}
+    manifest = {
+        "grid": grid,
+        "jobs": [{"tag": j.tag, "seed": j.seed, "overrides": list(j.overrides), "out": j.out} for j in jobs],
+    }
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path

@@ -377,11 +377,10 @@ def test_history_from_engine_rows():
 def test_metrics_package_imports_only_torch_numpy_scipy():
     """DESIGN §2: openworld.metrics knows nothing of the rest of openworld."""
     import ast
+    import sys
     from pathlib import Path
 
     import openworld.metrics as pkg
-
-    import sys
 
     # third-party: the numeric stack only; the standard library is fine; nothing from openworld.
     allowed = {"torch", "numpy", "scipy", "torchmetrics"} | set(sys.stdlib_module_names)

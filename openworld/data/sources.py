@@ -51,10 +51,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 _DECODER_VERSION = "v2"  # bump when decoding changes, to invalidate cached arrays
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )  # torchvision's order (= batches.meta label_names)
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 
@@ -182,8 +200,9 @@ def _fmt_list(items: Iterable[Any], limit: int = 8) -> str:
     return ", ".join(items)
 
 
-def _not_found(name: str, looked_for: Sequence[str], dirs: Sequence[Path], root: Path, origin: str,
-               fix: str = "") -> DataNotFoundError:
+def _not_found(
+    name: str, looked_for: Sequence[str], dirs: Sequence[Path], root: Path, origin: str, fix: str = ""
+) -> DataNotFoundError:
     msg = (
         f"{name}: dataset not found. Looked for {_fmt_list(looked_for)} in {_fmt_list(dirs)} "
         f"(data root {root}, from {origin}). To fix it, set `data.root` in the recipe (or the OPENWORLD_DATA "
@@ -223,8 +242,9 @@ def _transforms(family: str, augment: str, image_size: int | None = None) -> Tra
     return get_transforms(family, augment, image_size)
 
 
-def _tensor_source(name: str, x_tr, y_tr, x_te, y_te, classes, info, family, augment,
-                   image_size: int | None = None) -> SourceData:
+def _tensor_source(
+    name: str, x_tr, y_tr, x_te, y_te, classes, info, family, augment, image_size: int | None = None
+) -> SourceData:
     pair = _transforms(family, augment, image_size)
     x_tr = torch.as_tensor(x_tr)
     x_te = torch.as_tensor(x_te)
@@ -267,8 +287,9 @@ def _split_by(test_idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 # digits (scikit-learn, embedded)
 # ----------------------------------------------------------------------------------------------
 @register_dataset("digits")
-def load_digits(root=None, download: bool = False, *, test_fraction: float = 1 / 3, split_seed: int = 0,
-                augment: str = "default") -> SourceData:
+def load_digits(
+    root=None, download: bool = False, *, test_fraction: float = 1 / 3, split_seed: int = 0, augment: str = "default"
+) -> SourceData:
     """scikit-learn's 1,797 8×8 digits; x float32 ``[N, 1, 8, 8]`` in [0, 1] (values / 16).
 
     No official split: a deterministic stratified test split (``test_fraction``, hashed pick with tag
@@ -310,8 +331,9 @@ def read_idx(path: Path, name: str = "idx") -> np.ndarray:
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims))
     if len(raw) - offset != expected:
-        raise _corrupt(name, path, f"header promises {expected} bytes {tuple(dims)}, found {len(raw) - offset}",
-                       "download: true")
+        raise _corrupt(
+            name, path, f"header promises {expected} bytes {tuple(dims)}, found {len(raw) - offset}", "download: true"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims).copy()
 
 
@@ -343,9 +365,19 @@ def _idx_pair(name: str, images: Path, labels: Path, files: dict) -> tuple[np.nd
     return x[:, None], y.astype(np.int64)
 
 
-def _load_idx_dataset(name: str, root, download: bool, subdirs: Sequence[str], tv_class: str,
-                      classes: tuple[str, ...], allow_10k: bool, test_fraction: float, split_seed: int,
-                      augment: str, image_size: int | None) -> SourceData:
+def _load_idx_dataset(
+    name: str,
+    root,
+    download: bool,
+    subdirs: Sequence[str],
+    tv_class: str,
+    classes: tuple[str, ...],
+    allow_10k: bool,
+    test_fraction: float,
+    split_seed: int,
+    augment: str,
+    image_size: int | None,
+) -> SourceData:
     root_p, origin = _resolve_root(root)
     dirs = _candidates(root_p, subdirs)
     for attempt in range(2):
@@ -355,9 +387,11 @@ def _load_idx_dataset(name: str, root, download: bool, subdirs: Sequence[str], t
                 files: dict[str, str] = {}
                 x_tr, y_tr = _idx_pair(name, found["train_images"], found["train_labels"], files)
                 x_te, y_te = _idx_pair(name, found["test_images"], found["test_labels"], files)
-                info = {**_root_info(root_p, origin, d, "idx" + (".gz" if found["train_images"].suffix == ".gz"
-                                                                    else "")), "files": files,
-                        "split": "official"}
+                info = {
+                    **_root_info(root_p, origin, d, "idx" + (".gz" if found["train_images"].suffix == ".gz" else "")),
+                    "files": files,
+                    "split": "official",
+                }
                 return _tensor_source(name, x_tr, y_tr, x_te, y_te, classes, info, "gray28", augment, image_size)
             if allow_10k:
                 f10 = {k: _find_idx(d, v) for k, v in _IDX_MNIST10K.items()}
@@ -367,10 +401,14 @@ def _load_idx_dataset(name: str, root, download: bool, subdirs: Sequence[str], t
                     tag = "mnist10k_test"
                     test_idx = stratified_carve(y, test_fraction, tag, split_seed)
                     tr, te = _split_by(test_idx, len(y))
-                    info = {**_root_info(root_p, origin, d, "idx.gz (mnist10k subset)"), "files": files,
-                            "split": _carve_info(y, test_idx, test_fraction, tag, split_seed)}
-                    return _tensor_source(name, x[tr], y[tr], x[te], y[te], classes, info, "gray28", augment,
-                                          image_size)
+                    info = {
+                        **_root_info(root_p, origin, d, "idx.gz (mnist10k subset)"),
+                        "files": files,
+                        "split": _carve_info(y, test_idx, test_fraction, tag, split_seed),
+                    }
+                    return _tensor_source(
+                        name, x[tr], y[tr], x[te], y[te], classes, info, "gray28", augment, image_size
+                    )
         if not download or attempt:
             break
         import torchvision
@@ -382,27 +420,60 @@ def _load_idx_dataset(name: str, root, download: bool, subdirs: Sequence[str], t
     if allow_10k:
         looked += [f"or {_IDX_MNIST10K['images']}.gz + {_IDX_MNIST10K['labels']}.gz"]
     raise _not_found(
-        name, looked, dirs, root_p, origin,
+        name,
+        looked,
+        dirs,
+        root_p,
+        origin,
         f"or set `download: true` to fetch it with torchvision.datasets.{tv_class} (into {root_p / tv_class / 'raw'})",
     )
 
 
 @register_dataset("mnist")
-def load_mnist(root=None, download: bool = False, *, test_fraction: float = 0.2, split_seed: int = 0,
-               augment: str = "default", image_size: int | None = None) -> SourceData:
+def load_mnist(
+    root=None,
+    download: bool = False,
+    *,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    augment: str = "default",
+    image_size: int | None = None,
+) -> SourceData:
     """MNIST from idx(.gz): the official 60k/10k files, or else the 10k subset ``mnist10k-*`` split
     deterministically (stratified hashed pick, ``test_fraction``; 0 keeps all 10k in train)."""
-    return _load_idx_dataset("mnist", root, download, ("mnist", "MNIST/raw", "MNIST", "."), "MNIST",
-                             MNIST_CLASSES, True, test_fraction, split_seed, augment, image_size)
+    return _load_idx_dataset(
+        "mnist",
+        root,
+        download,
+        ("mnist", "MNIST/raw", "MNIST", "."),
+        "MNIST",
+        MNIST_CLASSES,
+        True,
+        test_fraction,
+        split_seed,
+        augment,
+        image_size,
+    )
 
 
 @register_dataset("fashion_mnist")
-def load_fashion_mnist(root=None, download: bool = False, *, augment: str = "default",
-                       image_size: int | None = None) -> SourceData:
+def load_fashion_mnist(
+    root=None, download: bool = False, *, augment: str = "default", image_size: int | None = None
+) -> SourceData:
     """Fashion-MNIST from the official idx(.gz) files: 60,000 train / 10,000 test, 28×28, 10 classes."""
-    return _load_idx_dataset("fashion_mnist", root, download,
-                             ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST", "."),
-                             "FashionMNIST", FASHION_MNIST_CLASSES, False, 0.0, 0, augment, image_size)
+    return _load_idx_dataset(
+        "fashion_mnist",
+        root,
+        download,
+        ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST", "."),
+        "FashionMNIST",
+        FASHION_MNIST_CLASSES,
+        False,
+        0.0,
+        0,
+        augment,
+        image_size,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,8 +578,9 @@ def _class_order(class_names: Sequence[str], canonical: Sequence[str] | None) ->
     return tuple(names), "sorted folder names"
 
 
-def _split_listing(name: str, split_dir: Path, classes: Sequence[str] | None, max_per_class: int | None,
-                   extensions: Sequence[str]) -> tuple[list[str], list[Path]]:
+def _split_listing(
+    name: str, split_dir: Path, classes: Sequence[str] | None, max_per_class: int | None, extensions: Sequence[str]
+) -> tuple[list[str], list[Path]]:
     """Class folder names (sorted) and files (class-major, sorted by name) of one split folder."""
     if classes is None:
         with os.scandir(split_dir) as it:
@@ -528,9 +600,16 @@ def _split_listing(name: str, split_dir: Path, classes: Sequence[str] | None, ma
     return class_names, files
 
 
-def _decode_folder_splits(name: str, base: Path, split_dirs: dict[str, Path], canonical: Sequence[str] | None,
-                          max_per_class: int | None, channels: int, cache: bool,
-                          extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[dict, dict]:
+def _decode_folder_splits(
+    name: str,
+    base: Path,
+    split_dirs: dict[str, Path],
+    canonical: Sequence[str] | None,
+    max_per_class: int | None,
+    channels: int,
+    cache: bool,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> tuple[dict, dict]:
     """Decode ``<split>/<class>/*`` folders into uint8 NCHW arrays, via the .npy cache."""
     train_classes, _ = _split_listing(name, split_dirs["train"], None, None, extensions)
     classes, order = _class_order(train_classes, canonical)
@@ -563,8 +642,11 @@ def _decode_folder_splits(name: str, base: Path, split_dirs: dict[str, Path], ca
                 labels.append(index[f.parent.name])
                 wheres.append(str(f))
             splits[split] = (_stack_images(name, imgs, wheres), np.asarray(labels, dtype=np.int64))
-    meta = {"classes": list(classes), "files_sha256_manifest": manifest.hexdigest(),
-            "num_files": sum(len(v) for v in listing.values())}
+    meta = {
+        "classes": list(classes),
+        "files_sha256_manifest": manifest.hexdigest(),
+        "num_files": sum(len(v) for v in listing.values()),
+    }
     store.save(splits, meta)
     return splits, {**meta, **meta_extra, "cache_hit": False}
 
@@ -572,8 +654,9 @@ def _decode_folder_splits(name: str, base: Path, split_dirs: dict[str, Path], ca
 _SPLIT_RE = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
 
 
-def _decode_archive_splits(name: str, archive: Path, canonical: Sequence[str] | None, max_per_class: int | None,
-                           channels: int, cache: bool) -> tuple[dict, dict]:
+def _decode_archive_splits(
+    name: str, archive: Path, canonical: Sequence[str] | None, max_per_class: int | None, channels: int, cache: bool
+) -> tuple[dict, dict]:
     """Decode a tar(.gz) holding ``…/<train|test>/<class>/<file>`` images, via the .npy cache."""
     archive_sha = sha256_file(archive)
     key = hashlib.sha256(f"{_DECODER_VERSION}|{channels}|{max_per_class}|{archive_sha}".encode()).hexdigest()
@@ -621,8 +704,12 @@ def _decode_archive_splits(name: str, archive: Path, canonical: Sequence[str] | 
                     wheres.append(member_name)
                     count += 1
             splits[split] = (_stack_images(name, imgs, wheres), np.asarray(labels, dtype=np.int64))
-    meta = {"classes": list(classes), "files_sha256_manifest": manifest.hexdigest(), "num_files": count,
-            "class_order": order}
+    meta = {
+        "classes": list(classes),
+        "files_sha256_manifest": manifest.hexdigest(),
+        "num_files": count,
+        "class_order": order,
+    }
     store.save(splits, meta)
     return splits, {**meta, **meta_extra, "cache_hit": False}
 
@@ -658,8 +745,9 @@ def _unpickle(name: str, where: str, data: bytes) -> dict:
     try:
         obj = pickle.loads(data, encoding="latin1")
     except Exception as exc:
-        raise _corrupt(name, where, f"not a CIFAR python pickle ({type(exc).__name__}: {exc})", "download: true") \
-            from exc
+        raise _corrupt(
+            name, where, f"not a CIFAR python pickle ({type(exc).__name__}: {exc})", "download: true"
+        ) from exc
     if not isinstance(obj, dict):
         raise _corrupt(name, where, "not a CIFAR python pickle (no dict inside)", "download: true")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -681,7 +769,9 @@ def _cifar_from_pickles(name: str, read: Callable[[str], tuple[bytes, str]], lab
                 raise _corrupt(name, where, f"missing 'data' or '{label_key}' entries", "download: true")
             x = np.asarray(d["data"], dtype=np.uint8)
             if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(labels):
-                raise _corrupt(name, where, f"unexpected data shape {x.shape} for {len(labels)} labels", "download: true")
+                raise _corrupt(
+                    name, where, f"unexpected data shape {x.shape} for {len(labels)} labels", "download: true"
+                )
             xs.append(x.reshape(-1, 3, 32, 32))
             ys.append(np.asarray(labels, dtype=np.int64))
         out.append((np.concatenate(xs), np.concatenate(ys)))
@@ -731,8 +821,17 @@ def _pickles_in_tar(name: str, archive: Path) -> Callable[[str], tuple[bytes, st
     return read
 
 
-def _load_cifar(name: str, root, download: bool, fmt: str, max_per_class: int | None, cache: bool,
-                augment: str, image_size: int | None, label_type: str = "fine") -> SourceData:
+def _load_cifar(
+    name: str,
+    root,
+    download: bool,
+    fmt: str,
+    max_per_class: int | None,
+    cache: bool,
+    augment: str,
+    image_size: int | None,
+    label_type: str = "fine",
+) -> SourceData:
     spec = _CIFAR[name]
     formats = ("auto", "pickle", "folder", "archive")
     if fmt not in formats:
@@ -752,13 +851,27 @@ def _load_cifar(name: str, root, download: bool, fmt: str, max_per_class: int | 
         if max_per_class:
             info["max_per_class"] = max_per_class
         info["load_seconds"] = round(time.perf_counter() - t0, 3)
-        return _tensor_source(name, torch.from_numpy(x_tr), y_tr, torch.from_numpy(x_te), y_te, classes, info,
-                              "cifar", augment, image_size)
+        return _tensor_source(
+            name,
+            torch.from_numpy(x_tr),
+            y_tr,
+            torch.from_numpy(x_te),
+            y_te,
+            classes,
+            info,
+            "cifar",
+            augment,
+            image_size,
+        )
 
     def from_pickle_dir(d: Path) -> SourceData:
         (tr, te), classes, files = _cifar_from_pickles(name, _read_file(d), label_key)
-        info = {**_root_info(root_p, origin, d, "torchvision-pickle"), "files": files, "class_order": "torchvision",
-                "label_type": label_type}
+        info = {
+            **_root_info(root_p, origin, d, "torchvision-pickle"),
+            "files": files,
+            "class_order": "torchvision",
+            "label_type": label_type,
+        }
         return finish(*tr, *te, classes, info)
 
     def pickle_dirs() -> list[Path]:
@@ -772,7 +885,8 @@ def _load_cifar(name: str, root, download: bool, fmt: str, max_per_class: int | 
         for base in folder_candidates:
             if (base / "train").is_dir() and (base / "test").is_dir():
                 splits, meta = _decode_folder_splits(
-                    name, base, {"train": base / "train", "test": base / "test"}, canonical, max_per_class, 3, cache)
+                    name, base, {"train": base / "train", "test": base / "test"}, canonical, max_per_class, 3, cache
+                )
                 info = {**_root_info(root_p, origin, base, "image-folder"), **meta}
                 return finish(*splits["train"], *splits["test"], tuple(meta["classes"]), info)
     if fmt in ("auto", "archive") and root_p.is_dir():
@@ -780,9 +894,12 @@ def _load_cifar(name: str, root, download: bool, fmt: str, max_per_class: int | 
             reader = _pickles_in_tar(name, archive)
             if reader is not None:
                 (tr, te), classes, files = _cifar_from_pickles(name, reader, label_key)
-                info = {**_root_info(root_p, origin, root_p, "torchvision-pickle (tar)"),
-                        "files": {archive.name: sha256_file(archive), **files}, "class_order": "torchvision",
-                        "label_type": label_type}
+                info = {
+                    **_root_info(root_p, origin, root_p, "torchvision-pickle (tar)"),
+                    "files": {archive.name: sha256_file(archive), **files},
+                    "class_order": "torchvision",
+                    "label_type": label_type,
+                }
                 return finish(*tr, *te, classes, info)
             splits, meta = _decode_archive_splits(name, archive, canonical, max_per_class, 3, cache)
             info = {**_root_info(root_p, origin, archive, "image-folder archive"), **meta}
@@ -796,11 +913,17 @@ def _load_cifar(name: str, root, download: bool, fmt: str, max_per_class: int | 
         if pickle_dirs():
             return from_pickle_dir(pickle_dirs()[0])
     pick_files = [*spec["train"], *spec["test"], spec["meta"]]
-    looked = [f"{spec['pickle_dir']}/{{{','.join(pick_files)}}} (torchvision python format)",
-              f"{spec['folders'][0]}/{{train,test}}/<class>/<image> (image folders)",
-              f"{name}*.tar.gz (an archive of those folders)"]
+    looked = [
+        f"{spec['pickle_dir']}/{{{','.join(pick_files)}}} (torchvision python format)",
+        f"{spec['folders'][0]}/{{train,test}}/<class>/<image> (image folders)",
+        f"{name}*.tar.gz (an archive of those folders)",
+    ]
     raise _not_found(
-        name, looked, _unique(pickle_candidates + folder_candidates), root_p, origin,
+        name,
+        looked,
+        _unique(pickle_candidates + folder_candidates),
+        root_p,
+        origin,
         f"or set `download: true` to fetch the python-format dataset with torchvision ({CIFAR_URLS[name]})",
     )
 
@@ -821,8 +944,16 @@ def _first_per_class(y: np.ndarray, n: int) -> np.ndarray:
 
 
 @register_dataset("cifar10")
-def load_cifar10(root=None, download: bool = False, *, format: str = "auto", max_per_class: int | None = None,
-                 cache: bool = True, augment: str = "default", image_size: int | None = None) -> SourceData:
+def load_cifar10(
+    root=None,
+    download: bool = False,
+    *,
+    format: str = "auto",
+    max_per_class: int | None = None,
+    cache: bool = True,
+    augment: str = "default",
+    image_size: int | None = None,
+) -> SourceData:
     """CIFAR-10: torchvision python pickles (``cifar-10-batches-py/``), image folders
     (``cifar10/{train,test}/<class>/*``) or a tar(.gz) of them (``cifar10*.tar.gz``), auto-detected in that
     order. Labels follow torchvision's class order. Folders/archives are decoded once and cached as .npy.
@@ -831,9 +962,17 @@ def load_cifar10(root=None, download: bool = False, *, format: str = "auto", max
 
 
 @register_dataset("cifar100")
-def load_cifar100(root=None, download: bool = False, *, format: str = "auto", max_per_class: int | None = None,
-                  cache: bool = True, augment: str = "default", image_size: int | None = None,
-                  label_type: str = "fine") -> SourceData:
+def load_cifar100(
+    root=None,
+    download: bool = False,
+    *,
+    format: str = "auto",
+    max_per_class: int | None = None,
+    cache: bool = True,
+    augment: str = "default",
+    image_size: int | None = None,
+    label_type: str = "fine",
+) -> SourceData:
     """CIFAR-100 (fine labels 0–99 by default; ``label_type: coarse`` for the 20 superclasses with the
     pickle format), with the same formats as :func:`load_cifar10`. Training rows keep the official
     file order, so the FSCIL index lists index them directly."""
@@ -882,9 +1021,16 @@ def _drawer(file_name: str) -> int:
 
 
 @register_dataset("omniglot")
-def load_omniglot(root=None, download: bool = False, *, archives: Sequence[str] = OMNIGLOT_ARCHIVES,
-                  test_drawers: int = 5, image_size: int = 28, invert: bool = True,
-                  augment: str = "default") -> SourceData:
+def load_omniglot(
+    root=None,
+    download: bool = False,
+    *,
+    archives: Sequence[str] = OMNIGLOT_ARCHIVES,
+    test_drawers: int = 5,
+    image_size: int = 28,
+    invert: bool = True,
+    augment: str = "default",
+) -> SourceData:
     """Omniglot characters as classes, drawers split into train/test.
 
     Reads ``<archive>.zip`` (or the extracted ``<archive>/`` folder) for each of ``archives`` from
@@ -915,7 +1061,11 @@ def load_omniglot(root=None, download: bool = False, *, archives: Sequence[str] 
                 download_url(f"{OMNIGLOT_URL}/{a}.zip", str(target), f"{a}.zip")
     if found_dir is None:
         raise _not_found(
-            "omniglot", [f"{a}.zip (or an extracted {a}/ folder)" for a in archives], dirs, root_p, origin,
+            "omniglot",
+            [f"{a}.zip (or an extracted {a}/ folder)" for a in archives],
+            dirs,
+            root_p,
+            origin,
             f"or set `download: true` to fetch the zips from {OMNIGLOT_URL}/ (layout inside: "
             "<archive>/<alphabet>/<character>/<id>_<drawer>.png)",
         )
@@ -943,7 +1093,7 @@ def load_omniglot(root=None, download: bool = False, *, archives: Sequence[str] 
     drawer_ids = sorted({_drawer(f) for lst in chars.values() for f, _ in lst})
     if test_drawers < 0 or test_drawers >= len(drawer_ids):
         raise ValueError(f"omniglot: test_drawers must be in 0..{len(drawer_ids) - 1}, got {test_drawers}")
-    test_ids = set(drawer_ids[len(drawer_ids) - test_drawers:]) if test_drawers else set()
+    test_ids = set(drawer_ids[len(drawer_ids) - test_drawers :]) if test_drawers else set()
     imgs, labels, is_test = [], [], []
     for ci, key in enumerate(classes):
         for fname, data in sorted(chars[key], key=lambda t: (_drawer(t[0]), t[0])):
@@ -958,14 +1108,17 @@ def load_omniglot(root=None, download: bool = False, *, archives: Sequence[str] 
     if invert:
         x = 255 - x
     if image_size and tuple(x.shape[-2:]) != (image_size, image_size):
-        xf = torch.nn.functional.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
-                                             align_corners=False, antialias=True)
+        xf = torch.nn.functional.interpolate(
+            x.float(), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
         x = xf.round_().clamp_(0, 255).to(torch.uint8)
     y = np.asarray(labels, dtype=np.int64)
     test_mask = np.asarray(is_test, dtype=bool)
     tr, te = np.flatnonzero(~test_mask), np.flatnonzero(test_mask)
     info = {
-        **_root_info(root_p, origin, found_dir, "zip of png" if any(k.endswith(".zip") for k in files) else "png folder"),
+        **_root_info(
+            root_p, origin, found_dir, "zip of png" if any(k.endswith(".zip") for k in files) else "png folder"
+        ),
         "files": files,
         "archives": list(archives),
         "duplicate_characters_dropped": dup_chars,
@@ -978,8 +1131,9 @@ def load_omniglot(root=None, download: bool = False, *, archives: Sequence[str] 
         "load_seconds": round(time.perf_counter() - t0, 3),
     }
     names = tuple(f"{a}/{c}" for a, c in classes)
-    return _tensor_source("omniglot", x[torch.from_numpy(tr)], y[tr], x[torch.from_numpy(te)], y[te], names, info,
-                          "gray28", augment)
+    return _tensor_source(
+        "omniglot", x[torch.from_numpy(tr)], y[tr], x[torch.from_numpy(te)], y[te], names, info, "gray28", augment
+    )
 
 
 def _omniglot_exists(d: Path, archive: str) -> bool:
@@ -989,9 +1143,21 @@ def _omniglot_exists(d: Path, archive: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 # Image-file datasets: generic image folders, miniImageNet, CUB-200
 # ----------------------------------------------------------------------------------------------
-def _file_source(name: str, base: Path, train_paths: list[Path], y_tr, test_paths: list[Path], y_te, classes,
-                 info: dict, train_keys: list[str] | None, family: str, augment: str,
-                 image_size: int | None, test_keys: list[str] | None = None) -> SourceData:
+def _file_source(
+    name: str,
+    base: Path,
+    train_paths: list[Path],
+    y_tr,
+    test_paths: list[Path],
+    y_te,
+    classes,
+    info: dict,
+    train_keys: list[str] | None,
+    family: str,
+    augment: str,
+    image_size: int | None,
+    test_keys: list[str] | None = None,
+) -> SourceData:
     pair = _transforms(family, augment, image_size)
     info.setdefault("num_train", len(train_paths))
     info.setdefault("num_test", len(test_paths))
@@ -1017,11 +1183,23 @@ def _listing_digest(base: Path, paths: Iterable[Path]) -> str:
 
 
 @register_dataset("image_folder")
-def load_image_folder(root=None, download: bool = False, *, subdir: str | None = None, train_dir: str = "train",
-                      test_dir: str | None = "test", extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                      max_per_class: int | None = None, in_memory: bool = False, channels: int = 3,
-                      cache: bool = True, family: str | None = None, augment: str = "default",
-                      image_size: int | None = None, name: str = "image_folder") -> SourceData:
+def load_image_folder(
+    root=None,
+    download: bool = False,
+    *,
+    subdir: str | None = None,
+    train_dir: str = "train",
+    test_dir: str | None = "test",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    max_per_class: int | None = None,
+    in_memory: bool = False,
+    channels: int = 3,
+    cache: bool = True,
+    family: str | None = None,
+    augment: str = "default",
+    image_size: int | None = None,
+    name: str = "image_folder",
+) -> SourceData:
     """Any ``<root>[/<subdir>]/<train_dir>/<class>/<image>`` (+ ``<test_dir>/…``) tree.
 
     Classes are the sorted training class folders; samples are class-major, sorted by file name.
@@ -1040,8 +1218,11 @@ def load_image_folder(root=None, download: bool = False, *, subdir: str | None =
     missing = [d for d in (tr_dir, te_dir) if d is not None and not d.is_dir()]
     if missing:
         raise _not_found(
-            name, [f"{train_dir}/<class>/<image>"] + ([f"{test_dir}/<class>/<image>"] if test_dir else []),
-            [base], root_p, origin,
+            name,
+            [f"{train_dir}/<class>/<image>"] + ([f"{test_dir}/<class>/<image>"] if test_dir else []),
+            [base],
+            root_p,
+            origin,
             f"with the layout <folder>/{train_dir}/<class name>/<image>; `subdir`, `train_dir` and `test_dir` "
             f"choose the folders (missing: {_fmt_list(missing)})",
         )
@@ -1053,9 +1234,18 @@ def load_image_folder(root=None, download: bool = False, *, subdir: str | None =
             x0 = splits["train"][0]
             splits["test"] = (np.zeros((0, *x0.shape[1:]), dtype=np.uint8), np.zeros(0, dtype=np.int64))
         info = {**_root_info(root_p, origin, base, "image-folder (decoded)"), **meta}
-        return _tensor_source(name, torch.from_numpy(splits["train"][0]), splits["train"][1],
-                              torch.from_numpy(splits["test"][0]), splits["test"][1], tuple(meta["classes"]), info,
-                              fam, augment, image_size)
+        return _tensor_source(
+            name,
+            torch.from_numpy(splits["train"][0]),
+            splits["train"][1],
+            torch.from_numpy(splits["test"][0]),
+            splits["test"][1],
+            tuple(meta["classes"]),
+            info,
+            fam,
+            augment,
+            image_size,
+        )
     classes, tr_files = _split_listing(name, tr_dir, None, max_per_class, exts)
     index = {c: i for i, c in enumerate(classes)}
     te_files: list[Path] = []
@@ -1067,13 +1257,16 @@ def load_image_folder(root=None, download: bool = False, *, subdir: str | None =
         _, te_files = _split_listing(name, te_dir, classes, max_per_class, exts)
     y_tr = [index[p.parent.name] for p in tr_files]
     y_te = [index[p.parent.name] for p in te_files]
-    info = {**_root_info(root_p, origin, base, "image-folder"),
-            "listing_sha256": _listing_digest(base, [*tr_files, *te_files]),
-            "listing_rule": "sha256 of '<relative path>\\t<size>' lines; image bytes are not hashed"}
+    info = {
+        **_root_info(root_p, origin, base, "image-folder"),
+        "listing_sha256": _listing_digest(base, [*tr_files, *te_files]),
+        "listing_rule": "sha256 of '<relative path>\\t<size>' lines; image bytes are not hashed",
+    }
     keys = [p.relative_to(base).as_posix() for p in tr_files]
     te_keys = [p.relative_to(base).as_posix() for p in te_files]
-    return _file_source(name, base, tr_files, y_tr, te_files, y_te, classes, info, keys, fam, augment, image_size,
-                        te_keys)
+    return _file_source(
+        name, base, tr_files, y_tr, te_files, y_te, classes, info, keys, fam, augment, image_size, te_keys
+    )
 
 
 def _read_csv_rows(name: str, path: Path) -> list[tuple[str, str]]:
@@ -1124,21 +1317,30 @@ def _check_files_exist(name: str, d: Path, rels: Sequence[str]) -> None:
 
 
 @register_dataset("mini_imagenet")
-def load_mini_imagenet(root=None, download: bool = False, *, verify_files: bool = True, augment: str = "mini",
-                       image_size: int | None = None) -> SourceData:
+def load_mini_imagenet(
+    root=None,
+    download: bool = False,
+    *,
+    verify_files: bool = True,
+    augment: str = "mini",
+    image_size: int | None = None,
+) -> SourceData:
     """miniImageNet in the CEC layout: ``<root>/miniimagenet/{images/, split/train.csv, split/test.csv}``.
 
     Label = rank of the wnid's first appearance in ``train.csv`` (the test csv must list the wnids in
     the same order). ``train_keys`` are the csv file names (the 4th field of the index-list lines).
     """
     root_p, origin = _resolve_root(root)
-    dirs = _candidates(root_p, ("miniimagenet", "mini_imagenet", "mini-imagenet", "miniImageNet", "MINI-ImageNet",
-                                "."))
+    dirs = _candidates(root_p, ("miniimagenet", "mini_imagenet", "mini-imagenet", "miniImageNet", "MINI-ImageNet", "."))
     need = ("split/train.csv", "split/test.csv", "images/")
     found = next((d for d in dirs if all((d / n).exists() for n in need)), None)
     if found is None:
         raise _not_found(
-            "mini_imagenet", need, dirs, root_p, origin,
+            "mini_imagenet",
+            need,
+            dirs,
+            root_p,
+            origin,
             "laid out as CEC's miniimagenet/ folder (images/<file>.jpg and split/{train,test}.csv with header "
             "'filename,label'; see the CEC-CVPR2021 repository for the download); there is no automatic download",
         )
@@ -1147,22 +1349,37 @@ def load_mini_imagenet(root=None, download: bool = False, *, verify_files: bool 
     wnids = _first_appearance(w for _, w in tr_rows)
     te_wnids = _first_appearance(w for _, w in te_rows)
     if te_wnids != wnids:
-        raise _corrupt("mini_imagenet", found / "split/test.csv",
-                       "its wnids are not in the same first-appearance order as train.csv")
+        raise _corrupt(
+            "mini_imagenet",
+            found / "split/test.csv",
+            "its wnids are not in the same first-appearance order as train.csv",
+        )
     index = {w: i for i, w in enumerate(wnids)}
     if verify_files:
         _check_files_exist("mini_imagenet", found / "images", [f for f, _ in tr_rows + te_rows])
     images = found / "images"
     info = {
         **_root_info(root_p, origin, found, "csv + images (CEC)"),
-        "files": {"split/train.csv": sha256_file(found / "split/train.csv"),
-                  "split/test.csv": sha256_file(found / "split/test.csv")},
+        "files": {
+            "split/train.csv": sha256_file(found / "split/train.csv"),
+            "split/test.csv": sha256_file(found / "split/test.csv"),
+        },
         "image_shape": None,
     }
     return _file_source(
-        "mini_imagenet", found, [images / f for f, _ in tr_rows], [index[w] for _, w in tr_rows],
-        [images / f for f, _ in te_rows], [index[w] for _, w in te_rows], tuple(wnids), info,
-        [f for f, _ in tr_rows], "imagenet", augment, image_size, [f for f, _ in te_rows],
+        "mini_imagenet",
+        found,
+        [images / f for f, _ in tr_rows],
+        [index[w] for _, w in tr_rows],
+        [images / f for f, _ in te_rows],
+        [index[w] for _, w in te_rows],
+        tuple(wnids),
+        info,
+        [f for f, _ in tr_rows],
+        "imagenet",
+        augment,
+        image_size,
+        [f for f, _ in te_rows],
     )
 
 
@@ -1183,8 +1400,9 @@ def _read_id_table(name: str, path: Path) -> dict[int, str]:
 
 
 @register_dataset("cub200")
-def load_cub200(root=None, download: bool = False, *, verify_files: bool = True, augment: str = "cub",
-                image_size: int | None = None) -> SourceData:
+def load_cub200(
+    root=None, download: bool = False, *, verify_files: bool = True, augment: str = "cub", image_size: int | None = None
+) -> SourceData:
     """CUB-200-2011: ``<root>/CUB_200_2011/{images.txt, image_class_labels.txt, train_test_split.txt, images/}``.
 
     Label = class id − 1; train/test from ``train_test_split.txt`` (1 = train); samples in image-id
@@ -1196,7 +1414,11 @@ def load_cub200(root=None, download: bool = False, *, verify_files: bool = True,
     found = next((d for d in dirs if all((d / n).exists() for n in need)), None)
     if found is None:
         raise _not_found(
-            "cub200", need, dirs, root_p, origin,
+            "cub200",
+            need,
+            dirs,
+            root_p,
+            origin,
             "with the official CUB_200_2011 layout (download CUB_200_2011.tgz from "
             "https://www.vision.caltech.edu/datasets/cub_200_2011/ and extract it into the root); there is no "
             "automatic download",
@@ -1206,8 +1428,9 @@ def load_cub200(root=None, download: bool = False, *, verify_files: bool = True,
     labels = _read_id_table(name, found / "image_class_labels.txt")
     split = _read_id_table(name, found / "train_test_split.txt")
     if set(paths) != set(labels) or set(paths) != set(split):
-        raise _corrupt(name, found / "images.txt", "its image ids differ from image_class_labels.txt / "
-                                                   "train_test_split.txt")
+        raise _corrupt(
+            name, found / "images.txt", "its image ids differ from image_class_labels.txt / train_test_split.txt"
+        )
     ids = sorted(paths)
     try:
         cls_ids = {i: int(labels[i]) for i in ids}
@@ -1230,12 +1453,24 @@ def load_cub200(root=None, download: bool = False, *, verify_files: bool = True,
     tr = [i for i in ids if is_train[i]]
     te = [i for i in ids if not is_train[i]]
     images = found / "images"
-    info = {**_root_info(root_p, origin, found, "CUB_200_2011 text tables + images"), "files": files,
-            "image_shape": None}
+    info = {
+        **_root_info(root_p, origin, found, "CUB_200_2011 text tables + images"),
+        "files": files,
+        "image_shape": None,
+    }
     return _file_source(
-        name, found, [images / paths[i] for i in tr], [cls_ids[i] - 1 for i in tr],
-        [images / paths[i] for i in te], [cls_ids[i] - 1 for i in te], classes, info,
-        [f"CUB_200_2011/images/{paths[i]}" for i in tr], "imagenet", augment, image_size,
+        name,
+        found,
+        [images / paths[i] for i in tr],
+        [cls_ids[i] - 1 for i in tr],
+        [images / paths[i] for i in te],
+        [cls_ids[i] - 1 for i in te],
+        classes,
+        info,
+        [f"CUB_200_2011/images/{paths[i]}" for i in tr],
+        "imagenet",
+        augment,
+        image_size,
         [f"CUB_200_2011/images/{paths[i]}" for i in te],
     )
 
@@ -1243,9 +1478,16 @@ def load_cub200(root=None, download: bool = False, *, verify_files: bool = True,
 # ----------------------------------------------------------------------------------------------
 # synth_hier (FSCIL card §9)
 # ----------------------------------------------------------------------------------------------
-def synth_hier_arrays(seed_data: int = 0, train_per_class: int = 100, test_per_class: int = 50,
-                      num_classes: int = 100, num_super: int = 20, latent_dim: int = 32, hidden_dim: int = 128,
-                      out_dim: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def synth_hier_arrays(
+    seed_data: int = 0,
+    train_per_class: int = 100,
+    test_per_class: int = 50,
+    num_classes: int = 100,
+    num_super: int = 20,
+    latent_dim: int = 32,
+    hidden_dim: int = 128,
+    out_dim: int = 256,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The card's generator, draws in the card's order, computed in float64 and returned as float32.
 
     1. μ_g = 3·N(0, I) for the 20 superclasses; 2. μ_c = μ_{c mod 20} + N(0, I) for c = 0…99;
@@ -1271,8 +1513,15 @@ def synth_hier_arrays(seed_data: int = 0, train_per_class: int = 100, test_per_c
 
 
 @register_dataset("synth_hier")
-def load_synth_hier(root=None, download: bool = False, *, seed_data: int = 0, train_per_class: int = 100,
-                    test_per_class: int = 50, augment: str = "default") -> SourceData:
+def load_synth_hier(
+    root=None,
+    download: bool = False,
+    *,
+    seed_data: int = 0,
+    train_per_class: int = 100,
+    test_per_class: int = 50,
+    augment: str = "default",
+) -> SourceData:
     """Synthetic hierarchical features (FSCIL card §9): 100 classes in 20 superclasses, x float32 [N, 256].
     ``info["array_sha256"]`` keys golden numbers (numpy's Generator streams may change across versions)."""
     x_tr, y_tr, x_te, y_te = synth_hier_arrays(seed_data, train_per_class, test_per_class)
@@ -1284,13 +1533,18 @@ def load_synth_hier(root=None, download: bool = False, *, seed_data: int = 0, tr
         "train_per_class": train_per_class,
         "test_per_class": test_per_class,
         "numpy_version": np.__version__,
-        "array_sha256": {"x_train": sha256_array(x_tr), "y_train": sha256_array(y_tr),
-                         "x_test": sha256_array(x_te), "y_test": sha256_array(y_te)},
+        "array_sha256": {
+            "x_train": sha256_array(x_tr),
+            "y_train": sha256_array(y_tr),
+            "x_test": sha256_array(x_te),
+            "y_test": sha256_array(y_te),
+        },
         "superclass": "c mod 20",
     }
     classes = tuple(f"class_{c:02d}" for c in range(100))
-    return _tensor_source("synth_hier", torch.from_numpy(x_tr), y_tr, torch.from_numpy(x_te), y_te, classes, info,
-                          "vector", augment)
+    return _tensor_source(
+        "synth_hier", torch.from_numpy(x_tr), y_tr, torch.from_numpy(x_te), y_te, classes, info, "vector", augment
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -40,30 +40,8 @@ CEC_LIST_DIRS = {"cifar100": "cifar100", "mini_imagenet": "mini_imagenet", "cub2
 CLASS_ORDERS = ("natural", "shuffled")
 
 
-# --------------------------------------------------------------------------------------------------
-# §1.5 — seeded selection, independent of library versions
-# --------------------------------------------------------------------------------------------------
-def fallback_key(tag: str, seed: int, c: int, x: int) -> int:
-    """First 8 bytes (big-endian, unsigned) of SHA-256 of the ASCII text ``"tag|seed|c|x"``.
-
-    ``c`` is the dataset's original class id and ``x`` the row index in the (training) array.
-    """
-    text = f"{tag}|{int(seed)}|{int(c)}|{int(x)}"
-    return int.from_bytes(hashlib.sha256(text.encode("ascii")).digest()[:8], "big")
-
-
-def pick(pool: Sequence[int] | np.ndarray, n: int, tag: str, seed: int, c: int) -> list[int]:
-    """The ``n`` indices of ``pool`` with the smallest ``(fallback_key(tag, seed, c, x), x)``, ascending."""
-    xs = [int(x) for x in np.asarray(pool, dtype=np.int64).reshape(-1)]
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"pick({tag!r}, seed {seed}): class {c}: cannot pick {n} samples")
-    if n > len(xs):
-        raise ValueError(
-            f"pick({tag!r}, seed {seed}): class {c} has only {len(xs)} samples, {n} requested"
-        )
-    ranked = sorted(xs, key=lambda x: (fallback_key(tag, seed, c, x), x))
-    return sorted(ranked[:n])
+# §1.5 seeded selection lives in the data layer (strategies use it too); re-exported here.
+from openworld.data.splits import fallback_key, pick  # noqa: E402,F401
 
 
 def class_order(num_classes: int, kind: str = "natural", seed: int = 0) -> list[int]:

@@ -96,7 +96,10 @@ class TrainConfig:
 def make_optimizer(params, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
         )
     if cfg.name == "adam":
@@ -217,9 +220,15 @@ class RunContext:
                     f"pretrain.data {pre['data']['source']!r} gives inputs of shape {tuple(sample.shape[1:])}, "
                     f"the scenario {shape}; pick a source of the same shape (or its image_size option)"
                 )
-        key = stable_hash({"what": "pretrained_backbone", "backbone": {k: v for k, v in self.backbone_cfg.items()
-                                                                        if k != "pretrain"},
-                           "pretrain": pre, "shape": shape, "data": data.fingerprint()})
+        key = stable_hash(
+            {
+                "what": "pretrained_backbone",
+                "backbone": {k: v for k, v in self.backbone_cfg.items() if k != "pretrain"},
+                "pretrain": pre,
+                "shape": shape,
+                "data": data.fingerprint(),
+            }
+        )
         seed = int(pre.get("seed", 0))
         torch.manual_seed(seed)
         encoder = self._new_backbone()
@@ -232,22 +241,37 @@ class RunContext:
             model = ClassifierNet(encoder, LinearClassifier(encoder.out_features, num_classes)).to(self.device)
             opt = dict(pre.get("optimizer") or {})
             train_cfg = TrainConfig(
-                epochs=int(pre["epochs"]), batch_size=int(pre["batch_size"]), optimizer=OptimizerConfig(**opt),
-                schedule=pre.get("schedule", "cosine"), selection="last",
+                epochs=int(pre["epochs"]),
+                batch_size=int(pre["batch_size"]),
+                optimizer=OptimizerConfig(**opt),
+                schedule=pre.get("schedule", "cosine"),
+                selection="last",
             )
-            info = train_classifier(model, data, cfg=train_cfg, ctx=self, num_active=num_classes,
-                                    generator=torch.Generator().manual_seed(seed), desc="pre-training")
+            info = train_classifier(
+                model,
+                data,
+                cfg=train_cfg,
+                ctx=self,
+                num_active=num_classes,
+                generator=torch.Generator().manual_seed(seed),
+                desc="pre-training",
+            )
             encoder = model.encoder
             if self.cache is not None:
-                self.cache.save(key, {"state_dict": encoder.state_dict()},
-                                meta={"tag": "pretrain", "num_classes": num_classes, "num_samples": len(data), **info})
+                self.cache.save(
+                    key,
+                    {"state_dict": encoder.state_dict()},
+                    meta={"tag": "pretrain", "num_classes": num_classes, "num_samples": len(data), **info},
+                )
         return copy.deepcopy(encoder.state_dict())
 
     def create_classifier_net(self, num_classes: int | None = None) -> nn.Module:
         from openworld.models.heads import ClassifierNet, CosineClassifier
 
         encoder = self.create_backbone()
-        head = CosineClassifier(encoder.out_features, num_classes or self.scenario["num_classes"], self.base.temperature)
+        head = CosineClassifier(
+            encoder.out_features, num_classes or self.scenario["num_classes"], self.base.temperature
+        )
         return ClassifierNet(encoder, head).to(self.device)
 
     def base_model(
@@ -289,9 +313,14 @@ class RunContext:
         else:
             gen = torch.Generator().manual_seed(self.derive_seed("train", tag))
             info = train_classifier(
-                model, data, cfg=self.base, ctx=self, num_active=num_active,
+                model,
+                data,
+                cfg=self.base,
+                ctx=self,
+                num_active=num_active,
                 selection_data=None if self.base.selection == "last" else validation,
-                generator=gen, desc=f"{tag} training",
+                generator=gen,
+                desc=f"{tag} training",
             )
             if self.cache is not None:
                 self.cache.save(key, {"state_dict": model.state_dict()}, meta={"tag": tag, **info})
@@ -305,7 +334,9 @@ class RunContext:
         was_training = encoder.training
         encoder.eval()
         feats, ys = [], []
-        for xb, yb in batches(data, batch_size or self.eval_batch_size, device=self.device, num_workers=self.num_workers):
+        for xb, yb in batches(
+            data, batch_size or self.eval_batch_size, device=self.device, num_workers=self.num_workers
+        ):
             with self.autocast():
                 feats.append(encoder(xb).float())
             ys.append(yb)
@@ -339,8 +370,8 @@ def _pretrain_data(pre: dict):
     ``classes`` (relabelled 0…n−1 in the order given) and ``per_class`` hashed picks per class."""
     import numpy as np
 
+    from openworld.data.splits import pick
     from openworld.registry import DATASETS
-    from openworld.scenarios.fscil import pick
 
     d = dict(pre["data"])
     source, root, download = d.pop("source"), d.pop("root", None), bool(d.pop("download", False))
@@ -417,8 +448,16 @@ def train_classifier(
         loss_sum = torch.zeros((), device=ctx.device)
         finite = torch.ones((), dtype=torch.bool, device=ctx.device)
         steps = 0
-        for xb, yb in batches(data, bs, train=True, shuffle=True, device=ctx.device, generator=generator,
-                              num_workers=ctx.num_workers, shard=shard):
+        for xb, yb in batches(
+            data,
+            bs,
+            train=True,
+            shuffle=True,
+            device=ctx.device,
+            generator=generator,
+            num_workers=ctx.num_workers,
+            shard=shard,
+        ):
             with ctx.autocast():
                 logits = train_model(xb, num_active=num_active)
             loss = F.cross_entropy(logits.float(), yb)
@@ -448,8 +487,11 @@ def train_classifier(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    return {"best_epoch": best_epoch, "best_selection_acc": best_acc if best_state is not None else None,
-            "epochs": cfg.epochs}
+    return {
+        "best_epoch": best_epoch,
+        "best_selection_acc": best_acc if best_state is not None else None,
+        "epochs": cfg.epochs,
+    }
 
 
 @torch.no_grad()
@@ -457,7 +499,9 @@ def class_means(feats: Tensor, labels: Tensor, classes) -> Tensor:
     """Mean feature per class in ``classes`` (order kept), accumulated over all samples at once."""
     classes_t = torch.as_tensor(list(classes), dtype=torch.long, device=feats.device)
     lookup = torch.full((int(labels.max()) + 1 if len(labels) else 1,), -1, dtype=torch.long, device=feats.device)
-    lookup[classes_t[classes_t < len(lookup)]] = torch.arange(len(classes_t), device=feats.device)[classes_t < len(lookup)]
+    lookup[classes_t[classes_t < len(lookup)]] = torch.arange(len(classes_t), device=feats.device)[
+        classes_t < len(lookup)
+    ]
     slot = lookup[labels.clamp(min=0)]
     slot = torch.where((labels >= 0) & (slot >= 0), slot, len(classes_t))
     sums = torch.zeros(len(classes_t) + 1, feats.shape[1], dtype=feats.dtype, device=feats.device)
