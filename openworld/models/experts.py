@@ -116,10 +116,10 @@ class _ExpertsBase(nn.Module):
     out_features: int
 
     def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_shared(x)")
 
     def forward_expert(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_expert(k, h)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of every expert, ``[B, E, d]``."""

@@ -549,10 +549,12 @@ class Strategy:
         return None
 
     def encode(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: feature_cache_key() is set but encode(x) is not implemented")
 
     def predict_features(self, z: Tensor) -> Prediction:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}: feature_cache_key() is set but predict_features(z) is not implemented"
+        )
 
     def restore_session(self, session) -> None:
         """On ``--resume``: called with each already-learned session (visible part) after

@@ -255,7 +255,7 @@ class DetectorStrategy(Strategy):
         """Source statistics (prototypes, Σ); called before alignment."""
 
     def _score(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _score(x) (higher = more known)")
 
     def _detector_state(self) -> dict:
         return {}
