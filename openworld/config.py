@@ -85,6 +85,11 @@ class PretrainSection(_Strict):
     optimizer: OptimizerSection = OptimizerSection(name="adamw", lr=1.0e-3, weight_decay=0.05)
     schedule: Literal["cosine", "constant"] = "cosine"
     seed: NonNegativeInt = 0
+    # `simclr`: self-supervised (NT-Xent on two views, temperature τ, projection to proj_dim; labels never
+    # read, so the scenario's own training images may be used: gcd-ncd card §9 stage 0).
+    objective: Literal["supervised", "simclr"] = "supervised"
+    temperature: float = Field(0.5, gt=0)
+    proj_dim: PositiveInt = 128
 
 
 class MetricsSection(_Strict):
@@ -361,6 +366,9 @@ def _check_pretrain(recipe: Recipe, in_backbone: Any) -> None:
             raise ConfigError("backbone.pretrain: unknown key; declare pre-training as a top-level `pretrain:` section")
         return
     section = recipe.pretrain.model_dump(mode="json")
+    if section["objective"] == "supervised":  # SimCLR-only keys stay out: supervised cache keys are unchanged
+        for key in ("objective", "temperature", "proj_dim"):
+            section.pop(key)
     if in_backbone is not None and in_backbone != section:
         raise ConfigError("backbone.pretrain: set by openworld from the top-level `pretrain:` section; remove it")
     data = recipe.pretrain.data
@@ -368,7 +376,12 @@ def _check_pretrain(recipe: Recipe, in_backbone: Any) -> None:
     options = {k: v for k, v in data.model_dump().items() if k not in ("source", "root", "download")}
     check_params(loader, options, "pretrain.data", skip={"root", "download"})
     scen = recipe.scenario.data
-    if data.source == scen.source and data.root == scen.root and recipe.pretrain.classes is None:
+    if (
+        data.source == scen.source
+        and data.root == scen.root
+        and recipe.pretrain.classes is None
+        and recipe.pretrain.objective == "supervised"
+    ):
         raise ConfigError(
             f"pretrain.classes: pre-training on the scenario's own source {data.source!r} with all classes would "
             "leak the scenario's classes; list disjoint classes or use another source"

@@ -334,6 +334,9 @@ class Runner:
         )
         if recipe.base.selection == "test":
             record["warning"] = "base-session epochs selected on the TEST set (protocol: paper) — not a clean result"
+        elif strategy.selects_on_test():
+            record["warning"] = "epochs selected on the TEST set (strategy opted in) — not a clean result"
+            flags["selection"] = "test"
 
         bar = ctx.progress_bar(
             total=scenario.num_sessions, desc=f"{entry} seed {seed}", unit="session", leave=True, initial=start
@@ -347,17 +350,22 @@ class Runner:
             ctx.start_session(session.index)
             if recipe.base.selection == "test" and "test" in session.eval_sets:
                 ctx.selection_override = session.eval_sets["test"].data
+            elif strategy.selects_on_test():
+                ctx.selection_override = self._selection_set(session)
             strategy.learn(visible)
             ctx.selection_override = None
             train_s = time.perf_counter() - t0
             if not self.main:
                 continue  # other ranks only train; rank 0 evaluates, logs and checkpoints
-            metrics, confusion, per_class, heads, rocs = {}, {}, {}, {}, {}
+            metrics, confusion, per_class, heads, rocs, diagnostics = {}, {}, {}, {}, {}, {}
             for set_name, eval_set in session.eval_sets.items():
                 self._roc = None
-                m, cm, pc, head = self.evaluate(strategy, eval_set, scenario.num_classes, features)
+                m, cm, pc, head = self.evaluate(strategy, eval_set, scenario.num_classes, features, set_name)
                 if self._roc is not None:
                     rocs[set_name] = self._roc
+                diag = {k: float(v) for k, v in strategy.eval_diagnostics().items()}  # e.g. SADE's α for this set
+                if diag:
+                    diagnostics[set_name] = diag
                 metrics[set_name], confusion[set_name], per_class[set_name] = m, cm, pc
                 if head != "default":
                     heads[set_name] = head
@@ -382,12 +390,16 @@ class Runner:
                 "confusion": confusion,
                 **({"reported_head": heads} if heads else {}),
                 **({"roc": rocs} if rocs else {}),
+                **({"diagnostics": diagnostics} if diagnostics else {}),  # as the strategy reports them, not ×100
+                **({"strategy_info": info} if (info := strategy.run_info()) else {}),
                 "train_seconds": round(train_s, 3),
                 "eval_seconds": round(time.perf_counter() - t0 - train_s, 3),
             }
             sessions_out.append(rec)
             for set_name, m in rec["metrics"].items():
                 for name, value in m.items():
+                    tb.scalar(f"eval/{set_name}/{name}", value, session.index)
+                for name, value in diagnostics.get(set_name, {}).items():
                     tb.scalar(f"eval/{set_name}/{name}", value, session.index)
                 if set_name in rec["per_class_acc"]:
                     tb.histogram(f"eval/{set_name}/per_class_acc", rec["per_class_acc"][set_name], session.index)
@@ -441,6 +453,26 @@ class Runner:
         return RunResult(entry, seed, "finished", run_dir, summary, sessions_out)
 
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _adapt_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A seeded permutation (seed from the run's seed and the set's name): the first ``round(f·n)``
+        rows (at least one, at most n − 1) are adapted on, the rest are scored."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"adapt_fraction: a number in (0, 1) is required, got {fraction!r}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        k = min(max(round(fraction * n), 1), n - 1)
+        return perm[:k].sort().values, perm[k:].sort().values
+
+    @staticmethod
+    def _selection_set(session):
+        """The labelled set a run that opted in to test-set selection selects on: ``test``, else ``uniform``."""
+        for name in ("test", "uniform"):
+            if name in session.eval_sets:
+                return session.eval_sets[name].data
+        raise ValueError(
+            f"test-set selection: the session has no eval set named 'test' or 'uniform' "
+            f"(it has {', '.join(session.eval_sets)}); use checkpoint 'val' or 'last'")
+
     def _engine(self, eval_set: EvalSet, num_classes: int):
         kwargs = {"num_classes": num_classes, "device": self.device}
         if eval_set.task == "classification":
@@ -453,21 +485,28 @@ class Runner:
         return create_engine(eval_set.task, **kwargs)
 
     @torch.no_grad()
-    def evaluate(self, strategy, eval_set: EvalSet, num_classes: int, features: dict):
+    def evaluate(self, strategy, eval_set: EvalSet, num_classes: int, features: dict, set_name: str = "eval"):
         """Predictions of ``strategy`` on one eval set, scored by its engine; labels stay here.
 
         Returns ``(metrics, confusion, per_class, reported_head)``.
         """
         device = self.device
+        data = eval_set.data
         if getattr(strategy, "transductive", False):
             # Transductive strategies (e.g. SADE's test-time aggregation) see the inputs, never the labels.
-            strategy.adapt(eval_set.data.hide_labels())
+            fraction = strategy.adapt_fraction()
+            if fraction is None:
+                strategy.adapt(data.hide_labels())
+            else:  # adapt on a seeded part, score the rest (the inductive cost of transduction)
+                seed = strategy.ctx.derive_seed("adapt_split", set_name)
+                adapt_idx, score_idx = self._adapt_split(len(data), fraction, seed)
+                strategy.adapt(data.subset(adapt_idx).hide_labels())
+                data = data.subset(score_idx)
         engine = self._engine(eval_set, num_classes)
         allowed = None
         if eval_set.classes:
             allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
             allowed[list(eval_set.classes)] = True
-        data = eval_set.data
         bs = self.recipe.eval_batch_size
         key = strategy.feature_cache_key()
         root, idx = getattr(data, "origin", (data, None))

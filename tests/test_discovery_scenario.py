@@ -12,8 +12,11 @@ from openworld.scenarios.discovery import GCDScenario, NCDScenario, draw_labelle
 
 
 def test_t9_first_drawn_positions():
-    ref = {25000: [14149, 8946, 22378, 12162, 4879], 40000: [12836, 10913, 4214, 8198, 31403],
-           30000: [8225, 10794, 9163, 26591, 6631]}
+    ref = {
+        25000: [14149, 8946, 22378, 12162, 4879],
+        40000: [12836, 10913, 4214, 8198, 31403],
+        30000: [8225, 10794, 9163, 26591, 6631],
+    }
     for n, first in ref.items():
         pos = draw_labelled(n, 0.5, 0)
         assert len(pos) == n // 2 and pos[:5].tolist() == first
@@ -84,18 +87,43 @@ def test_ncd_split_and_eval_sets():
     src = sc.source.train.targets.numpy()
     assert len(s.labeled) == int((src < 5).sum()) and len(s.unlabeled) == int((src >= 5).sum())
     assert set(s.eval_sets) == {"unlabelled", "test_novel", "test_known"}
-    assert s.eval_sets["unlabelled"].classes == (5, 6, 7, 8, 9)
-    assert s.eval_sets["unlabelled"].options["mode"] == "ncd"
+    for name in ("unlabelled", "test_novel"):  # task-aware: the engine argmaxes over columns 5… (any width)
+        ev = s.eval_sets[name]
+        assert ev.classes == () and ev.options["mode"] == "ncd" and ev.options["head_offset"] == 5
+        assert "publish_assignment" not in ev.options and "use_assignment" not in ev.options
     assert int(s.eval_sets["test_novel"].data.targets.min()) >= 5
     assert int(s.eval_sets["test_known"].data.targets.max()) < 5
     assert s.eval_sets["test_known"].task == "classification"
+    assert s.eval_sets["test_known"].classes == (0, 1, 2, 3, 4)
+
+
+def test_ncd_estimated_k_eval_sets():
+    s = NCDScenario(data={"source": "digits"}, k_mode="estimated").session(0)
+    assert s.info["num_clusters"] is None and s.info["k_mode"] == "estimated"
+    known = s.eval_sets["test_known"]
+    assert known.task == "head_classification" and known.classes == () and known.options == {"head": [0, 5]}
+
+
+def test_from_transductive_shares_one_assignment():
+    from openworld.metrics.clustering import SharedAssignment
+
+    for sc, inductive in (
+        (GCDScenario(data={"source": "digits"}, inductive_mapping="from_transductive"), "test"),
+        (NCDScenario(data={"source": "digits"}, inductive_mapping="from_transductive"), "test_novel"),
+    ):
+        s = sc.session(0)
+        assert list(s.eval_sets)[0] == "unlabelled"  # scored first by the runner
+        shared = s.eval_sets["unlabelled"].options["publish_assignment"]
+        assert isinstance(shared, SharedAssignment)
+        assert s.eval_sets[inductive].options["use_assignment"] is shared
+        assert sc.session(0).eval_sets["unlabelled"].options["publish_assignment"] is not shared  # fresh per session
 
 
 def test_parameter_errors():
-    with pytest.raises(NotImplementedError, match="estimated"):
-        NCDScenario(data={"source": "digits"}, k_mode="estimated").session(0)
-    with pytest.raises(NotImplementedError, match="from_transductive"):
-        GCDScenario(data={"source": "digits"}, inductive_mapping="from_transductive").session(0)
+    with pytest.raises(ValueError, match="k_mode"):
+        NCDScenario(data={"source": "digits"}, k_mode="guess").session(0)
+    with pytest.raises(ValueError, match="inductive_mapping"):
+        GCDScenario(data={"source": "digits"}, inductive_mapping="shared").session(0)
     with pytest.raises(ValueError, match="overlap"):
         GCDScenario(data={"source": "digits"}, old_classes=[1, 2], new_classes=[2, 3]).session(0)
     with pytest.raises(ValueError, match="p_lab"):
@@ -129,8 +157,10 @@ def test_runner_never_hands_unlabelled_labels(tmp_path):
     from openworld.runner import Runner
 
     recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text("name: spy\nscenario: {kind: gcd, data: {source: digits}}\nbackbone: {name: cnn8}\n"
-                           "strategies: {kmeans: {features: input, n_init: 1}}\nseeds: [0]\ndevice: cpu\n")
+    recipe_path.write_text(
+        "name: spy\nscenario: {kind: gcd, data: {source: digits}}\nbackbone: {name: cnn8}\n"
+        "strategies: {kmeans: {features: input, n_init: 1}}\nseeds: [0]\ndevice: cpu\n"
+    )
     import openworld.strategies.kmeans as km
 
     seen = []

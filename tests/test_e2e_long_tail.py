@@ -95,6 +95,40 @@ def test_synthetic_noisy_labels_rcal(tmp_path):
     assert 0 < metric(runs["rcal"], "uniform", "acc") <= 100
 
 
+def test_sade_split_adaptation_diagnostics_and_opt_in_test_selection(tmp_path):
+    cfg = json.loads(json.dumps(SYNTH))
+    cfg["scenario"]["test_distributions"] = ["uniform", "backward50"]
+    cfg["strategies"] = {
+        "sade_split": {"strategy": "sade", "epochs": 6, "warmup_epochs": 1, "milestones": [4, 5], "tta": "split"},
+        "ce_last": {"strategy": "ce", "epochs": 6, "checkpoint": "last"},
+        "ce_test": {"strategy": "ce", "epochs": 6, "checkpoint": "test"},
+    }
+    path = tmp_path / "lt_opts.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    runs = run(path, tmp_path)
+    sade, sade_dir = runs["sade_split"]
+    # tta: split — adapted on a seeded half of each set, scored on the other half only
+    cm = sade["sessions"][0]["confusion"]["uniform"]
+    assert sum(map(sum, cm)) == 500
+    n_b50 = sum(map(sum, runs["ce_last"][0]["sessions"][0]["confusion"]["backward50"]))
+    assert sum(map(sum, sade["sessions"][0]["confusion"]["backward50"])) == n_b50 - round(n_b50 / 2)
+    log = torch.load(sade_dir / "checkpoints" / "session_0.pt", weights_only=True)["strategy"]["tta_log"]
+    assert [t["n"] for t in log] == [500, round(n_b50 / 2)]
+    # SADE's α and stop epoch are logged next to each set's metrics (card §5 tags)
+    uni = sade["sessions"][0]["diagnostics"]["uniform"]
+    assert uni["sade_alpha_1"] + uni["sade_alpha_2"] + uni["sade_alpha_3"] == pytest.approx(1, abs=1e-5)
+    assert [uni[f"sade_alpha_{k}"] for k in (1, 2, 3)] == pytest.approx(log[0]["alpha"])
+    assert uni["sade_tta_epochs"] == log[0]["epochs"]
+    assert "diagnostics" not in runs["ce_last"][0]["sessions"][0]
+    # checkpoint: test — opt-in selection on the (balanced) uniform test set, flagged in the results
+    test_sel, test_dir = runs["ce_test"]
+    assert "TEST set" in test_sel["warning"] and test_sel["flags"]["selection"] == "test"
+    assert "warning" not in runs["ce_last"][0]
+    chosen = torch.load(test_dir / "checkpoints" / "session_0.pt", weights_only=True)["strategy"]["selection"]
+    assert metric(runs["ce_test"], "uniform", "acc") == pytest.approx(100 * chosen["best_val"], abs=1e-6)
+    assert metric(runs["ce_test"], "uniform", "acc") >= metric(runs["ce_last"], "uniform", "acc") - 1e-9
+
+
 @pytest.mark.slow
 def test_fashion_lt_balanced_softmax_beats_ce_on_few(shared_data, tmp_path):
     overrides = [

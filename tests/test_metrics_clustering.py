@@ -21,17 +21,57 @@ def _d(s: str) -> list[int]:
 
 # toy: y, ŷ, old, v2, v2b, v1, NMI, ARI  (metrics.md §11 D, tolerance 1e-6)
 TOYS = {
-    "A": (_d("0000 1111 2222 3333"), _d("0001 1111 0022 3332"), [0, 1], (.75, .875, .625), (.75, .875, .625),
-          (.75, .875, .625), 0.656880, 0.444444),
-    "C": (_d("00 11 2222"), _d("22 00 1110"), [0, 1], (.875, 1, .75), (.916667, 1, .75), (.875, 1, .75),
-          0.755004, 0.545455),
-    "D": (_d("0000 1111 2222"), _d("0000 0001 2222"), [0], (.75, 1, .625), (.75, 1, .625), (.916667, 1, .875),
-          0.705077, 0.504505),
-    "E": (_d("000 111 222222"), _d("551 111 777715"), [0], (.75, .666667, .777778), (.777778, .666667, .833333),
-          (.75, .666667, .777778), 0.457801, 0.283388),
+    "A": (
+        _d("0000 1111 2222 3333"),
+        _d("0001 1111 0022 3332"),
+        [0, 1],
+        (0.75, 0.875, 0.625),
+        (0.75, 0.875, 0.625),
+        (0.75, 0.875, 0.625),
+        0.656880,
+        0.444444,
+    ),
+    "C": (
+        _d("00 11 2222"),
+        _d("22 00 1110"),
+        [0, 1],
+        (0.875, 1, 0.75),
+        (0.916667, 1, 0.75),
+        (0.875, 1, 0.75),
+        0.755004,
+        0.545455,
+    ),
+    "D": (
+        _d("0000 1111 2222"),
+        _d("0000 0001 2222"),
+        [0],
+        (0.75, 1, 0.625),
+        (0.75, 1, 0.625),
+        (0.916667, 1, 0.875),
+        0.705077,
+        0.504505,
+    ),
+    "E": (
+        _d("000 111 222222"),
+        _d("551 111 777715"),
+        [0],
+        (0.75, 0.666667, 0.777778),
+        (0.777778, 0.666667, 0.833333),
+        (0.75, 0.666667, 0.777778),
+        0.457801,
+        0.283388,
+    ),
     # card gcd-ncd §7 T1 E2 (K̂ > K)
-    "E2": ([0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 3, 4], [0], (.833333, 1, .75), (.833333, 1, .75), (.833333, 1, .75),
-           0.9049, 0.7619),
+    "E2": (
+        [0, 0, 1, 1, 2, 2],
+        [0, 0, 1, 1, 3, 4],
+        [0],
+        (0.833333, 1, 0.75),
+        (0.833333, 1, 0.75),
+        (0.833333, 1, 0.75),
+        0.9049,
+        0.7619,
+    ),
 }
 
 
@@ -106,18 +146,18 @@ def test_errors():
 def test_streaming_equals_one_shot(name):
     y, p, old, v2, v2b, v1, *_ = TOYS[name]
     kp = max(p) + 1
-    eng = create_engine("clustering", num_classes=max(y) + 1, device="cpu", old_classes=old,
-                        variants=["v2b", "v1"])
+    eng = create_engine("clustering", num_classes=max(y) + 1, device="cpu", old_classes=old, variants=["v2b", "v1"])
     yt, pt = torch.tensor(y), torch.tensor(p)
     logits = torch.nn.functional.one_hot(pt, kp).float()
     for i in range(0, len(y), 3):  # several batches, plus a hidden-label row that must be ignored
-        eng.observe(logits[i:i + 3], yt[i:i + 3])
+        eng.observe(logits[i : i + 3], yt[i : i + 3])
     eng.observe(logits[:1], torch.tensor([-1]))
     m = eng.compute()
     for variant, ref in (("v2", v2), ("v2b", v2b), ("v1", v1)):
         assert (m[f"all_{variant}"], m[f"old_{variant}"], m[f"new_{variant}"]) == pytest.approx(ref, abs=1e-6)
         assert (m[f"all_{variant}"], m[f"old_{variant}"], m[f"new_{variant}"]) == pytest.approx(
-            _triple(cluster_accuracy(y, p, old, variant)), abs=1e-12)
+            _triple(cluster_accuracy(y, p, old, variant)), abs=1e-12
+        )
     assert m["nmi"] == pytest.approx(nmi(y, p)) and m["ari"] == pytest.approx(ari(y, p))
 
 
@@ -132,3 +172,106 @@ def test_engine_ncd_mode_and_out_of_range():
     eng2.update(torch.tensor([0, 5]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="outside"):
         eng2.compute()
+
+
+# -- inductive_mapping: from_transductive (card §1.5) -------------------------------------------------
+def test_fixed_assignment_exact_values():
+    from openworld.metrics.clustering import assignment_from_counts, cluster_accuracy_with_assignment
+
+    # transductive set: toy D (K_old = 1), where the v1 assignment differs from the v2 one
+    w_u = count_matrix(_d("0000 1111 2222"), _d("0000 0001 2222"))
+    assert assignment_from_counts(w_u, [0], "v2").tolist() == [0, 1, 2]
+    assert assignment_from_counts(w_u, [0], "v1").tolist() == [0, 0, 2]  # old and new matched apart
+    # inductive set scored with those assignments
+    y_t, p_t = [0, 1, 1, 2], [0, 0, 0, 2]
+    w_t = count_matrix(y_t, p_t)
+    exp = {"v2": (0.5, 1.0, 1 / 3), "v2b": (2 / 3, 1.0, 0.5), "v1": (1.0, 1.0, 1.0)}
+    for v, ref in exp.items():
+        a = assignment_from_counts(w_u, [0], v)
+        assert _triple(cluster_accuracy_with_assignment(w_t, [0], a, v)) == pytest.approx(ref, abs=1e-12), v
+    # its own (fresh) Hungarian gives other numbers: class 1 takes cluster 0
+    assert _triple(cluster_accuracy(y_t, p_t, [0], "v2")) == pytest.approx((0.75, 0.0, 1.0))
+    # a permuted transductive clustering: the test set's identity clustering scores only the unpermuted class
+    w_perm = count_matrix([0, 0, 1, 1, 2, 2], [1, 1, 0, 0, 2, 2])
+    a = assignment_from_counts(w_perm, [0, 1], "v2")
+    r = cluster_accuracy_with_assignment(count_matrix([0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2]), [0, 1], a, "v2")
+    assert _triple(r) == pytest.approx((1 / 3, 0.0, 1.0))
+    # classes or clusters the assignment does not cover score nothing; an empty subset is NaN
+    r = cluster_accuracy_with_assignment(count_matrix([0, 3, 3], [0, 4, 4]), [0], [0], "v2")
+    assert _triple(r) == pytest.approx((1 / 3, 1.0, 0.0))
+    r = cluster_accuracy_with_assignment(count_matrix([3, 3], [1, 1]), [0], [0, 2, 2, 1], "v2")
+    assert math.isnan(r["old"]) and r["all"] == r["new"] == 1.0
+
+
+def test_fixed_assignment_on_itself_equals_fresh_hungarian():
+    from openworld.metrics.clustering import assignment_from_counts, cluster_accuracy_with_assignment
+
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        n = int(rng.integers(1, 50))
+        y, p = rng.integers(0, 6, n), rng.integers(0, 9, n)
+        w = count_matrix(y, p)
+        for v in ("v2", "v2b", "v1"):
+            ref = _triple(cluster_accuracy(y, p, [0, 1, 2], v))
+            got = _triple(cluster_accuracy_with_assignment(w, [0, 1, 2], assignment_from_counts(w, [0, 1, 2], v), v))
+            assert got == pytest.approx(ref, nan_ok=True), v
+
+
+def _one_hot(p, width):
+    return torch.nn.functional.one_hot(torch.tensor(p), width).float()
+
+
+def test_engines_share_the_transductive_assignment():
+    from openworld.metrics.clustering import SharedAssignment
+
+    shared = SharedAssignment()
+    unl = create_engine("clustering", num_classes=3, old_classes=[0], variants=["v2b", "v1"], publish_assignment=shared)
+    test = create_engine("clustering", num_classes=3, old_classes=[0], variants=["v2b", "v1"], use_assignment=shared)
+    with pytest.raises(RuntimeError, match="scored before"):
+        test.observe(_one_hot([0, 0, 0, 2], 3), torch.tensor([0, 1, 1, 2]))
+        test.compute()
+    test.reset()
+    unl.observe(_one_hot(_d("0000 0001 2222"), 3), torch.tensor(_d("0000 1111 2222")))
+    mu = unl.compute()
+    assert (mu["all_v2"], mu["all_v1"]) == pytest.approx((0.75, 11 / 12))  # its own numbers are unchanged
+    test.observe(_one_hot([0, 0, 0, 2], 3), torch.tensor([0, 1, 1, 2]))
+    m = test.compute()
+    assert (m["all_v2"], m["old_v2"], m["new_v2"]) == pytest.approx((0.5, 1.0, 1 / 3))
+    assert (m["all_v2b"], m["old_v2b"], m["new_v2b"]) == pytest.approx((2 / 3, 1.0, 0.5))
+    assert (m["all_v1"], m["old_v1"], m["new_v1"]) == pytest.approx((1.0, 1.0, 1.0))
+    assert m["acc"] == m["all_v2"]
+    assert (m["nmi"], m["ari"]) == pytest.approx((nmi([0, 1, 1, 2], [0, 0, 0, 2]), ari([0, 1, 1, 2], [0, 0, 0, 2])))
+
+
+def test_ncd_head_offset_with_more_novel_clusters_and_shared_assignment():
+    from openworld.metrics.clustering import SharedAssignment
+
+    # K = 5 (K_old = 2), a novel head of K̂_u = 4 columns: logits have 2 + 4 = 6 > K columns
+    shared = SharedAssignment()
+    unl = ClusteringEngine(num_classes=5, mode="ncd", head_offset=2, publish_assignment=shared)
+    logits = _one_hot([0, 0, 3, 3, 4, 5], 6) + _one_hot([2, 2, 2, 2, 2, 2], 6) * 0.5
+    logits[:2, 0] = 9.0  # a known-head column wins the plain argmax, but is outside the novel head
+    unl.observe(logits, torch.tensor([2, 2, 3, 3, 4, 4]))
+    m = unl.compute()
+    # rows 0-1 → column 2 (best novel column), 2-3 → 3, 4 → 4, 5 → 5: Hungarian 2→2, 3→3, 4→4 hits 5 of 6
+    assert set(m) == {"acc", "nmi", "ari"} and m["acc"] == pytest.approx(5 / 6)
+    assert m["nmi"] == pytest.approx(nmi([2, 2, 3, 3, 4, 4], [2, 2, 3, 3, 4, 5]))
+    test = ClusteringEngine(num_classes=5, mode="ncd", head_offset=2, use_assignment=shared)
+    test.observe(_one_hot([5, 5, 3, 4], 6), torch.tensor([2, 2, 3, 4]))
+    assert test.compute()["acc"] == pytest.approx(0.5)  # classes 3, 4 keep their clusters; 2 → cluster 2, not 5
+    own = ClusteringEngine(num_classes=5, mode="ncd", head_offset=2)
+    own.observe(_one_hot([5, 5, 3, 4], 6), torch.tensor([2, 2, 3, 4]))
+    assert own.compute()["acc"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="head_offset"):
+        ClusteringEngine(num_classes=5, mode="ncd", head_offset=2).observe(torch.zeros(1, 2), torch.tensor([2]))
+
+
+def test_head_classification_engine():
+    eng = create_engine("head_classification", num_classes=5, head=[0, 2])
+    logits = torch.tensor([[1.0, 0, 9, 9, 9, 9, 9], [0, 1.0, 9, 9, 9, 9, 9], [1.0, 0, 0, 0, 0, 0, 0]])
+    eng.observe(logits, torch.tensor([0, 1, 1]))  # the novel columns (9) are ignored
+    m = eng.compute()
+    assert m["acc"] == pytest.approx(2 / 3) and m["acc_balanced"] == pytest.approx(0.75)
+    assert eng.confusion().tolist() == [[1, 0], [1, 1]]
+    with pytest.raises(ValueError, match="head"):
+        create_engine("head_classification", num_classes=5, head=[0, 6])

@@ -107,5 +107,6 @@ def test_pml_memory_loss_is_moco_infonce():
 def test_bad_switches_are_named():
     with pytest.raises(ValueError, match="omega"):
         RCAL(omega="near")
-    with pytest.raises(ValueError, match="test"):
-        RCAL(checkpoint="test")
+    with pytest.raises(ValueError, match="val, last, test"):
+        RCAL(checkpoint="best")
+    assert RCAL(checkpoint="test").selects_on_test() and not RCAL().selects_on_test()

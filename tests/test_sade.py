@@ -118,11 +118,15 @@ def test_strong_view_is_batched_and_seeded():
     assert g.shape == (4, 1, 28, 28)
 
 
-def test_unsupported_modes_fail_loudly():
-    with pytest.raises(ValueError, match="split"):
-        SADE(tta="split")
-    with pytest.raises(ValueError, match="test"):
-        SADE(checkpoint="test")
+def test_bad_modes_fail_loudly_and_opt_in_modes_are_accepted():
+    with pytest.raises(ValueError, match="transductive, split, off"):
+        SADE(tta="half")
+    with pytest.raises(ValueError, match="val, last, test"):
+        SADE(checkpoint="best")
+    split = SADE(tta="split", checkpoint="test")
+    assert split.adapt_fraction() == 0.5 and split.selects_on_test()
+    plain = SADE()
+    assert plain.adapt_fraction() is None and not plain.selects_on_test()
 
 
 # --- T11: the aggregation path never reads labels; same seed, same α ------------------------------

@@ -11,7 +11,17 @@ vectorised scatter-add (``np.bincount`` on the flat index ``ŷ·D + y``), never 
 
 :class:`ClusteringEngine` (engine task ``"clustering"``) streams predictions into a device-resident
 int64 count matrix ``[K_true, K_pred+1]`` (one integer ``scatter_add_`` per batch, no host sync) and
-runs one ``scipy.optimize.linear_sum_assignment`` on the small matrix per evaluation.
+runs one ``scipy.optimize.linear_sum_assignment`` on the small matrix per evaluation. Options:
+
+* ``head_offset`` (NCD task-aware evaluation, card §1.4): the prediction is the argmax over the
+  logit columns ``head_offset…`` only (the novel head, whatever its width K̂), reported as that column id.
+* ``publish_assignment`` / ``use_assignment`` (card §1.5 ``inductive_mapping: from_transductive``): a
+  shared :class:`SharedAssignment`; the engine of the transductive set stores its class→cluster
+  assignment there at :meth:`ClusteringEngine.compute`, and the engine of the inductive set scores
+  with that fixed assignment (:func:`cluster_accuracy_with_assignment`) instead of a fresh Hungarian.
+
+:class:`HeadClassificationEngine` (engine task ``"head_classification"``) is plain classification on
+a slice of the logit columns (NCD ``test_known`` when the novel head has K̂ ≠ K_new columns).
 """
 
 from __future__ import annotations
@@ -28,10 +38,14 @@ from .engine import register_engine
 __all__ = [
     "VARIANTS",
     "ClusteringEngine",
+    "HeadClassificationEngine",
+    "SharedAssignment",
     "ari",
     "ari_from_counts",
+    "assignment_from_counts",
     "cluster_accuracy",
     "cluster_accuracy_from_counts",
+    "cluster_accuracy_with_assignment",
     "count_matrix",
     "hungarian_map",
     "nmi",
@@ -126,8 +140,11 @@ def cluster_accuracy_from_counts(w: np.ndarray, old_classes, variant: str = "v2"
     m = hungarian_map(w)
     hits = w[m, np.arange(d)] if d else np.zeros(0, dtype=np.int64)
     if variant == "v2":
-        return {"all": _div(int(hits.sum()), n), "old": _div(int(hits[old].sum()), n_old),
-                "new": _div(int(hits[~old].sum()), n_new)}
+        return {
+            "all": _div(int(hits.sum()), n),
+            "old": _div(int(hits[old].sum()), n_old),
+            "new": _div(int(hits[~old].sum()), n_new),
+        }
     acc = np.where(present, hits / np.maximum(support, 1), np.nan)  # v2b
 
     def mean(mask: np.ndarray) -> float:
@@ -135,6 +152,94 @@ def cluster_accuracy_from_counts(w: np.ndarray, old_classes, variant: str = "v2"
         return float(acc[sel].mean()) if sel.any() else _NAN
 
     return {"all": mean(np.ones(d, dtype=bool)), "old": mean(old), "new": mean(~old)}
+
+
+def assignment_from_counts(w: np.ndarray, old_classes, variant: str = "v2") -> np.ndarray:
+    """The class→cluster assignment behind :func:`cluster_accuracy_from_counts`: ``m[j]`` = the cluster
+    matched to true class j (-1: none), for j < D.
+
+    ``v2``/``v2b``: the one global Hungarian (:func:`hungarian_map`); ``v1``: the old-class columns and
+    the new-class columns (classes with support) matched separately, as v1 scores them.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown cluster-accuracy variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    w = np.asarray(w, dtype=np.int64)
+    d = w.shape[0]
+    if variant != "v1":
+        return hungarian_map(w)
+    m = np.full(d, -1, dtype=np.int64)
+    present = w.sum(axis=0) > 0
+    old = _old_mask(d, old_classes)
+    for cols in (np.flatnonzero(old & present), np.flatnonzero(~old & present)):
+        if cols.size:
+            rows, c = linear_sum_assignment(w[:, cols], maximize=True)
+            m[cols[c]] = rows
+    return m
+
+
+def cluster_accuracy_with_assignment(w: np.ndarray, old_classes, assignment, variant: str = "v2") -> dict[str, float]:
+    """Cluster accuracy of the count matrix ``w[cluster, class]`` under a **fixed** assignment.
+
+    ``assignment[j]`` = the cluster credited to true class j (e.g. computed on another set by
+    :func:`assignment_from_counts`; card §1.5 ``from_transductive``). A class beyond the assignment,
+    or assigned -1 or a cluster id absent from ``w``, scores no hit. ``v2``/``v1``: hits over rows;
+    ``v2b``: mean per-class hit rate. Old/New by ground truth; NaN for an empty subset. With the
+    assignment computed on ``w`` itself this equals :func:`cluster_accuracy_from_counts`.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown cluster-accuracy variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    w = np.asarray(w, dtype=np.int64)
+    if w.ndim != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"count matrix must be square [D, D], got shape {tuple(w.shape)}")
+    d = w.shape[0]
+    a = np.asarray(assignment, dtype=np.int64).reshape(-1)
+    m = np.full(d, -1, dtype=np.int64)
+    m[: min(d, a.size)] = a[:d]
+    valid = (m >= 0) & (m < d)
+    hits = np.zeros(d, dtype=np.int64)
+    cols = np.flatnonzero(valid)
+    hits[cols] = w[m[cols], cols]
+    support = w.sum(axis=0)
+    present = support > 0
+    old = _old_mask(d, old_classes)
+    n_old, n_new = int(support[old].sum()), int(support[~old].sum())
+    if variant in ("v2", "v1"):
+        return {
+            "all": _div(int(hits.sum()), n_old + n_new),
+            "old": _div(int(hits[old].sum()), n_old),
+            "new": _div(int(hits[~old].sum()), n_new),
+        }
+    acc = np.where(present, hits / np.maximum(support, 1), np.nan)
+
+    def mean(mask: np.ndarray) -> float:
+        sel = mask & present
+        return float(acc[sel].mean()) if sel.any() else _NAN
+
+    return {"all": mean(np.ones(d, dtype=bool)), "old": mean(old), "new": mean(~old)}
+
+
+class SharedAssignment:
+    """Holds the class→cluster assignments of one transductive eval set, per variant, for reuse on
+    another eval set (card §1.5 ``inductive_mapping: from_transductive``).
+
+    Created by the scenario once per session and passed in both eval sets' engine options (the
+    runner scores eval sets in the order the session lists them, the transductive one first).
+    """
+
+    def __init__(self, source: str = "unlabelled"):
+        self.source = source
+        self.assignments: dict[str, np.ndarray] = {}
+
+    def get(self, variant: str) -> np.ndarray:
+        if variant not in self.assignments:
+            raise RuntimeError(
+                f"inductive_mapping 'from_transductive': no {variant} assignment from eval set {self.source!r} yet; "
+                f"that set must be scored before the sets that reuse its assignment"
+            )
+        return self.assignments[variant]
+
+    def __repr__(self) -> str:
+        return f"SharedAssignment(source={self.source!r}, variants={sorted(self.assignments)})"
 
 
 def cluster_accuracy(y_true, y_pred, old_classes: Sequence[int], variant: str = "v2") -> dict[str, float]:
@@ -219,6 +324,12 @@ class ClusteringEngine:
         mode: ``"gcd"`` → ``all_v2``, ``old_v2``, ``new_v2`` (+ variants), ``acc`` (= ``all_v2``),
             ``nmi``, ``ari``;
             ``"ncd"`` → ``acc`` (one Hungarian over the eval set, micro), ``nmi``, ``ari``.
+        head_offset: if > 0, the cluster id is ``head_offset + argmax(logits[:, head_offset:])`` (NCD
+            task-aware evaluation over the novel head, of any width).
+        publish_assignment: a :class:`SharedAssignment` that receives this set's assignment (per
+            variant) at every :meth:`compute`.
+        use_assignment: a :class:`SharedAssignment` whose assignment replaces the fresh Hungarian
+            (``inductive_mapping: from_transductive``); NMI/ARI need no assignment and are unchanged.
 
     Keys are the ``specs/metrics.md`` §10 names. ``confusion()``/``per_class()`` return ``None``
     (clusters are not classes); :meth:`counts` gives the raw ``[K_true, K_pred]`` matrix.
@@ -232,6 +343,9 @@ class ClusteringEngine:
         num_clusters: int | None = None,
         variants: Sequence[str] = ("v2",),
         mode: str = "gcd",
+        head_offset: int = 0,
+        publish_assignment: SharedAssignment | None = None,
+        use_assignment: SharedAssignment | None = None,
     ):
         k = int(num_classes)
         if k <= 0:
@@ -249,6 +363,11 @@ class ClusteringEngine:
         self.old_classes = tuple(old)
         self.variants = tuple(dict.fromkeys(["v2", *variants]))
         self.mode = mode
+        if int(head_offset) < 0:
+            raise ValueError(f"head_offset must be >= 0, got {head_offset}")
+        self.head_offset = int(head_offset)
+        self.publish_assignment = publish_assignment
+        self.use_assignment = use_assignment
         self.num_clusters: int | None = None
         self._buf: torch.Tensor | None = None
         if num_clusters is not None:
@@ -281,7 +400,13 @@ class ClusteringEngine:
         else:
             if self._buf is None:
                 self._allocate(int(logits.shape[1]))
-            preds = logits.argmax(1)
+            off = self.head_offset
+            if off:
+                if logits.shape[1] <= off:
+                    raise ValueError(f"ClusteringEngine: head_offset {off} leaves no logit column of {logits.shape[1]}")
+                preds = logits[:, off:].argmax(1) + off
+            else:
+                preds = logits.argmax(1)
         if self._buf is None:
             raise RuntimeError("ClusteringEngine: num_clusters unknown for integer predictions; pass num_clusters")
         self.update(preds, targets)
@@ -310,15 +435,23 @@ class ClusteringEngine:
         out[:r, :c] = w[:r, :c]
         return out
 
+    def _accuracy(self, w: np.ndarray, old_classes, variant: str) -> dict[str, float]:
+        if self.publish_assignment is not None:
+            self.publish_assignment.assignments[variant] = assignment_from_counts(w, old_classes, variant)
+        if not w.size:
+            return {"all": _NAN, "old": _NAN, "new": _NAN}
+        if self.use_assignment is not None:
+            return cluster_accuracy_with_assignment(w, old_classes, self.use_assignment.get(variant), variant)
+        return cluster_accuracy_from_counts(w, old_classes, variant)
+
     def compute(self) -> dict[str, float]:
         w = self.square_counts()
         if self.mode == "ncd":
-            acc = cluster_accuracy_from_counts(w, (), "v2")["all"] if w.size else _NAN
+            acc = self._accuracy(w, (), "v2")["all"]
             return {"acc": acc, "nmi": nmi_from_counts(w), "ari": ari_from_counts(w)}
         out: dict[str, float] = {}
         for v in self.variants:
-            r = cluster_accuracy_from_counts(w, self.old_classes, v) if w.size else {"all": _NAN, "old": _NAN,
-                                                                                      "new": _NAN}
+            r = self._accuracy(w, self.old_classes, v)
             out.update({f"all_{v}": r["all"], f"old_{v}": r["old"], f"new_{v}": r["new"]})
         out["acc"] = out["all_v2"]  # the single-Hungarian micro accuracy (UNO/NCD key; = all_v2)
         out["nmi"] = nmi_from_counts(w)
@@ -334,3 +467,51 @@ class ClusteringEngine:
     def reset(self) -> None:
         if self._buf is not None:
             self._buf.zero_()
+
+
+@register_engine("head_classification")
+class HeadClassificationEngine:
+    """Classification accuracy on a slice ``[start, stop)`` of the logit columns, classes relabelled
+    ``c - start`` (NCD ``test_known``: the known-class head ``0…K_old-1`` of a model whose novel head
+    has K̂ columns, card §1.4/§2.7). Keys as the classification engine's (``acc``, ``acc_balanced``).
+
+    Args: ``num_classes`` (the scenario's K, unused beyond validation), ``device``, ``head`` =
+    ``(start, stop)``; further keyword arguments go to :class:`~openworld.metrics.engine.MetricsEngine`
+    (default: no top-k, no batch-mean chunks).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        device: str | torch.device = "cpu",
+        head: Sequence[int] = (0, 1),
+        topk: Sequence[int] = (),
+        chunk_size: int | None = None,
+        **kwargs,
+    ):
+        from .engine import MetricsEngine
+
+        start, stop = (int(v) for v in head)
+        if not 0 <= start < stop <= int(num_classes):
+            raise ValueError(f"head must satisfy 0 <= start < stop <= {num_classes}, got {list(head)}")
+        self.start, self.stop = start, stop
+        self.inner = MetricsEngine(stop - start, device, topk=topk, chunk_size=chunk_size, **kwargs)
+
+    def observe(self, logits: torch.Tensor, targets, unknown_score: torch.Tensor | None = None) -> None:
+        if logits.shape[1] < self.stop:
+            raise ValueError(f"head_classification: {logits.shape[1]} logit columns, the head needs {self.stop}")
+        y = torch.as_tensor(targets, device=logits.device).reshape(-1).long()
+        y = torch.where((y >= self.start) & (y < self.stop), y - self.start, torch.full_like(y, -1))
+        self.inner.observe(logits[:, self.start : self.stop], y)
+
+    def compute(self) -> dict[str, float]:
+        return self.inner.compute()
+
+    def confusion(self):
+        return self.inner.confusion()
+
+    def per_class(self):
+        return self.inner.per_class()
+
+    def reset(self) -> None:
+        self.inner.reset()

@@ -15,8 +15,15 @@ Protocol of the GCD/NCD card (``specs/gcd-ncd.md`` §1):
 * Eval sets: ``gcd`` — ``unlabelled`` (transductive: D_U with its labels) and ``test`` (inductive:
   the test split), both scored by the ``clustering`` engine (v2 All/Old/New, NMI, ARI; no logit
   restriction: predictions are cluster ids). ``ncd`` — ``unlabelled`` and ``test_novel`` (task-aware:
-  logits restricted to the novel head ``K_old…K-1``; ``acc``/``nmi``/``ari``) and ``test_known``
-  (classification over the old classes).
+  the clustering engine takes the argmax over the novel head, logit columns ``K_old…``, of whatever
+  width K̂; ``acc``/``nmi``/``ari``) and ``test_known`` (classification over the old classes).
+* ``k_mode: estimated`` (§2.7): ``session.info["num_clusters"]`` is ``None`` and strategies estimate
+  K̂ (gcd: the total; ncd: the number of novel clusters K̂_u, head ``K_old + K̂_u``) from D_L labels
+  and D_U features only. Metrics accept any number of clusters.
+* ``inductive_mapping: from_transductive`` (§1.5): the inductive set (``test``; ncd ``test_novel``)
+  is scored with the class→cluster assignment computed on ``unlabelled`` (a
+  :class:`~openworld.metrics.clustering.SharedAssignment` in both sets' engine options; the runner
+  scores ``unlabelled`` first, as the session lists it). NMI/ARI need no assignment.
 
 Everything is computed lazily on first use; the constructor only stores parameters.
 """
@@ -35,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import openworld.metrics.clustering  # noqa: F401  (registers the "clustering" metrics engine)
+from openworld.metrics.clustering import SharedAssignment  # also registers the "clustering" metrics engine
 from openworld.registry import DATASETS, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
 from openworld.scenarios.fscil import _jsonable, _labels, pick
@@ -117,9 +124,11 @@ class _DiscoveryScenario(Scenario):
     labelled_val_frac: fraction of each labelled class carved off as ``session.validation`` (the
         only legal source for model selection; card default 0).
     k_mode: ``"known"`` (K given to strategies in ``session.info["num_clusters"]``) or
-        ``"estimated"`` (gcd only: strategies estimate K̂; metrics accept any number of clusters).
+        ``"estimated"`` (strategies estimate K̂ — gcd: K, ncd: the novel-cluster count; metrics accept
+        any number of clusters).
     variants: Hungarian variants reported besides v2 (``"v2b"``, ``"v1"``).
-    inductive_mapping: ``"own"`` (fresh assignment on the test predictions, the default).
+    inductive_mapping: ``"own"`` (fresh assignment on the test predictions, the default) or
+        ``"from_transductive"`` (reuse the assignment computed on ``unlabelled``).
     train_subsample / test_subsample: keep at most n samples per class (hashed pick over the rows,
         dataset order kept), for small CPU recipes; recorded in ``describe()``.
     seed: the run seed (unused by the splits, which depend on ``split_seed`` only).
@@ -164,11 +173,19 @@ class _DiscoveryScenario(Scenario):
 
     def get_params(self) -> dict[str, Any]:
         return {
-            "data": dict(self.data), "old_classes": self.old_classes, "new_classes": self.new_classes,
-            "class_split": self.class_split, "p_lab": self.p_lab, "split_seed": self.split_seed,
-            "labelled_val_frac": self.labelled_val_frac, "k_mode": self.k_mode, "variants": self.variants,
-            "inductive_mapping": self.inductive_mapping, "train_subsample": self.train_subsample,
-            "test_subsample": self.test_subsample, "seed": self.seed,
+            "data": dict(self.data),
+            "old_classes": self.old_classes,
+            "new_classes": self.new_classes,
+            "class_split": self.class_split,
+            "p_lab": self.p_lab,
+            "split_seed": self.split_seed,
+            "labelled_val_frac": self.labelled_val_frac,
+            "k_mode": self.k_mode,
+            "variants": self.variants,
+            "inductive_mapping": self.inductive_mapping,
+            "train_subsample": self.train_subsample,
+            "test_subsample": self.test_subsample,
+            "seed": self.seed,
         }
 
     # -- validation ----------------------------------------------------------------------------------
@@ -179,24 +196,18 @@ class _DiscoveryScenario(Scenario):
             raise ValueError(f"scenario.p_lab: a number in (0, 1] is required, got {self.p_lab!r}")
         if not (isinstance(self.labelled_val_frac, (int, float)) and 0 <= self.labelled_val_frac < 1):
             raise ValueError(
-                f"scenario.labelled_val_frac: a number in [0, 1) is required, got {self.labelled_val_frac!r}")
+                f"scenario.labelled_val_frac: a number in [0, 1) is required, got {self.labelled_val_frac!r}"
+            )
         if self.k_mode not in K_MODES:
             raise ValueError(f"scenario.k_mode: allowed values are {', '.join(K_MODES)}; got {self.k_mode!r}")
-        if self.k_mode == "estimated" and self.kind == "ncd":
-            raise NotImplementedError(
-                "scenario.k_mode: 'estimated' is not supported for ncd (its task-aware evaluation restricts "
-                "predictions to the K_new novel head); estimate K_new with "
-                "openworld.strategies.kmeans.estimate_k_silhouette and set new_classes accordingly")
         bad = [v for v in self.variants if v not in ("v2", "v2b", "v1")]
         if bad:
             raise ValueError(f"scenario.variants: unknown {bad}; allowed: v2b, v1")
         if self.inductive_mapping not in INDUCTIVE_MAPPINGS:
-            raise ValueError(f"scenario.inductive_mapping: allowed values are {', '.join(INDUCTIVE_MAPPINGS)}; "
-                             f"got {self.inductive_mapping!r}")
-        if self.inductive_mapping == "from_transductive":
-            raise NotImplementedError(
-                "scenario.inductive_mapping: 'from_transductive' (reusing the D_U assignment on the test set) is "
-                "not supported: each eval set is scored by its own engine; use 'own'")
+            raise ValueError(
+                f"scenario.inductive_mapping: allowed values are {', '.join(INDUCTIVE_MAPPINGS)}; "
+                f"got {self.inductive_mapping!r}"
+            )
         for name in ("train_subsample", "test_subsample"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -211,8 +222,9 @@ class _DiscoveryScenario(Scenario):
             self._validate_params()
             options = {k: v for k, v in self.data.items() if k not in ("source", "root", "download")}
             loader = DATASETS.get(self.data["source"])
-            self._source = loader(root=self.data.get("root"), download=bool(self.data.get("download", False)),
-                                  **options)
+            self._source = loader(
+                root=self.data.get("root"), download=bool(self.data.get("download", False)), **options
+            )
         return self._source
 
     def _class_lists(self, num_source_classes: int) -> tuple[list[int], list[int]]:
@@ -224,7 +236,8 @@ class _DiscoveryScenario(Scenario):
                 if name not in DEFAULT_OLD_CLASSES:
                     raise ValueError(
                         f"scenario.old_classes: no default old-class split for source {name!r} "
-                        f"(defaults exist for {', '.join(DEFAULT_OLD_CLASSES)}); give old_classes or class_split")
+                        f"(defaults exist for {', '.join(DEFAULT_OLD_CLASSES)}); give old_classes or class_split"
+                    )
                 old = list(range(DEFAULT_OLD_CLASSES[name]))
             elif isinstance(self.old_classes, int):
                 old = list(range(self.old_classes))
@@ -279,9 +292,17 @@ class _DiscoveryScenario(Scenario):
         if self.test_subsample is not None:
             test_rows = _subsample(test_labels, test_rows, self.test_subsample, "gcd_test_sub", self.split_seed)
         names = tuple(str(names_src[c]) if names_src else str(c) for c in order)
-        self._plan = _Plan(order=order, num_old=len(old), num_classes=len(order), labelled=labelled,
-                           unlabelled=unlabelled, validation=validation, test_rows=test_rows, train_pool=pool,
-                           names=names)
+        self._plan = _Plan(
+            order=order,
+            num_old=len(old),
+            num_classes=len(order),
+            labelled=labelled,
+            unlabelled=unlabelled,
+            validation=validation,
+            test_rows=test_rows,
+            train_pool=pool,
+            names=names,
+        )
         return self._plan
 
     def _views(self):
@@ -330,20 +351,35 @@ class _DiscoveryScenario(Scenario):
     def split_indices(self) -> dict[str, list[int]]:
         """Training-array rows of D_L (drawn order), D_U, validation, and the kept test rows."""
         plan = self._build()
-        return {"labelled": plan.labelled.tolist(), "unlabelled": plan.unlabelled.tolist(),
-                "validation": plan.validation.tolist(), "test": plan.test_rows.tolist()}
+        return {
+            "labelled": plan.labelled.tolist(),
+            "unlabelled": plan.unlabelled.tolist(),
+            "validation": plan.validation.tolist(),
+            "test": plan.test_rows.tolist(),
+        }
 
     # -- sessions ------------------------------------------------------------------------------------
     def sessions(self) -> Iterator[Session]:
         yield self.session(0)
 
+    def _mapping_options(self) -> tuple[dict, dict]:
+        """Engine options of the transductive and the inductive set for ``inductive_mapping``."""
+        if self.inductive_mapping != "from_transductive":
+            return {}, {}
+        shared = SharedAssignment(source="unlabelled")
+        return {"publish_assignment": shared}, {"use_assignment": shared}
+
     def _eval_sets(self, train, test, plan: _Plan) -> dict[str, EvalSet]:
         old = tuple(range(plan.num_old))
         options = {"old_classes": list(old), "variants": list(self.variants), "mode": "gcd"}
-        return {
-            "unlabelled": EvalSet(data=train.subset(plan.unlabelled), classes=(), task="clustering",
-                                  options=dict(options)),
-            "test": EvalSet(data=test.subset(plan.test_rows), classes=(), task="clustering", options=dict(options)),
+        publish, use = self._mapping_options()
+        return {  # order matters for from_transductive: the runner scores `unlabelled` first
+            "unlabelled": EvalSet(
+                data=train.subset(plan.unlabelled), classes=(), task="clustering", options={**options, **publish}
+            ),
+            "test": EvalSet(
+                data=test.subset(plan.test_rows), classes=(), task="clustering", options={**options, **use}
+            ),
         }
 
     def session(self, index: int) -> Session:
@@ -356,9 +392,15 @@ class _DiscoveryScenario(Scenario):
         validation = train.subset(plan.validation) if len(plan.validation) else None
         unlabeled = train.subset(plan.unlabelled)
         counts = np.bincount(labeled.targets.numpy(), minlength=K)
-        classes = ClassInfo(num_classes=K, seen=tuple(range(K)), new=tuple(range(k_old, K)),
-                            base=tuple(range(k_old)), known=tuple(range(k_old)),
-                            train_counts=tuple(int(n) for n in counts), names=plan.names)
+        classes = ClassInfo(
+            num_classes=K,
+            seen=tuple(range(K)),
+            new=tuple(range(k_old, K)),
+            base=tuple(range(k_old)),
+            known=tuple(range(k_old)),
+            train_counts=tuple(int(n) for n in counts),
+            names=plan.names,
+        )
         info = {
             "old_classes": list(range(k_old)),
             "num_old": k_old,
@@ -369,29 +411,47 @@ class _DiscoveryScenario(Scenario):
             "labelled_hash": hash_indices(plan.labelled),
             "unlabelled_hash": hash_indices(plan.unlabelled),
         }
-        return Session(index=0, name="discovery", classes=classes, labeled=labeled, unlabeled=unlabeled,
-                       validation=validation, eval_sets=self._eval_sets(train, test, plan), info=info)
+        return Session(
+            index=0,
+            name="discovery",
+            classes=classes,
+            labeled=labeled,
+            unlabeled=unlabeled,
+            validation=validation,
+            eval_sets=self._eval_sets(train, test, plan),
+            info=info,
+        )
 
     def describe(self) -> dict[str, Any]:
         plan = self._build()
         src = self.source
-        return _jsonable({
-            "kind": self.kind,
-            "params": self.get_params(),
-            "source": {"name": getattr(src, "name", self.data["source"]), "family": getattr(src, "family", None),
-                       "num_train": len(src.train), "num_test": len(src.test),
-                       "info": getattr(src, "info", None) or {}},
-            "num_classes": plan.num_classes,
-            "num_old": plan.num_old,
-            "class_order": plan.order,
-            "sizes": {"labelled": len(plan.labelled), "unlabelled": len(plan.unlabelled),
-                      "validation": len(plan.validation), "test": len(plan.test_rows)},
-            "labelled_hash": hash_indices(plan.labelled),
-            "unlabelled_hash": hash_indices(plan.unlabelled),
-            "validation_hash": hash_indices(plan.validation),
-            "test_hash": hash_indices(plan.test_rows),
-            "train_pool_hash": hash_indices(plan.train_pool),
-        })
+        return _jsonable(
+            {
+                "kind": self.kind,
+                "params": self.get_params(),
+                "source": {
+                    "name": getattr(src, "name", self.data["source"]),
+                    "family": getattr(src, "family", None),
+                    "num_train": len(src.train),
+                    "num_test": len(src.test),
+                    "info": getattr(src, "info", None) or {},
+                },
+                "num_classes": plan.num_classes,
+                "num_old": plan.num_old,
+                "class_order": plan.order,
+                "sizes": {
+                    "labelled": len(plan.labelled),
+                    "unlabelled": len(plan.unlabelled),
+                    "validation": len(plan.validation),
+                    "test": len(plan.test_rows),
+                },
+                "labelled_hash": hash_indices(plan.labelled),
+                "unlabelled_hash": hash_indices(plan.unlabelled),
+                "validation_hash": hash_indices(plan.validation),
+                "test_hash": hash_indices(plan.test_rows),
+                "train_pool_hash": hash_indices(plan.train_pool),
+            }
+        )
 
 
 def _subsample(labels: np.ndarray, rows: np.ndarray, n: int, tag: str, seed: int) -> np.ndarray:
@@ -413,9 +473,11 @@ class GCDScenario(_DiscoveryScenario):
 @register_scenario("ncd")
 class NCDScenario(_DiscoveryScenario):
     """Novel class discovery (UNO protocol, card §1.4): D_L = all old-class training samples, D_U = all
-    new-class ones. Eval sets ``unlabelled`` and ``test_novel`` (task-aware: logits restricted to the
-    novel head ``K_old…K-1``; ``acc``/``nmi``/``ari``) and ``test_known`` (accuracy over the old
-    classes). ``p_lab`` is ignored (must stay 1 or its default). Parameters as for ``gcd``."""
+    new-class ones. Eval sets ``unlabelled`` and ``test_novel`` (task-aware: argmax over the novel head,
+    logit columns ``K_old…``, of any width; ``acc``/``nmi``/``ari``) and ``test_known`` (accuracy over
+    the old classes). ``p_lab`` is ignored (must stay 1 or its default). With ``k_mode: estimated``
+    strategies choose the number of novel clusters K̂_u (silhouette, card §2.7); the head has
+    ``K_old + K̂_u`` columns. Parameters as for ``gcd``."""
 
     kind = "ncd"
 
@@ -425,15 +487,27 @@ class NCDScenario(_DiscoveryScenario):
             raise ValueError("scenario.p_lab: ncd labels every old-class sample; leave p_lab unset")
 
     def _eval_sets(self, train, test, plan: _Plan) -> dict[str, EvalSet]:
-        k_old, K = plan.num_old, plan.num_classes
-        novel = tuple(range(k_old, K))
-        opts = {"old_classes": [], "mode": "ncd", "num_clusters": K}
+        k_old = plan.num_old
+        # Task-aware: the engine takes the argmax over the novel head (columns K_old…, any width K̂_u),
+        # so the runner applies no class restriction (which would cap the head at K columns).
+        opts = {"old_classes": [], "mode": "ncd", "head_offset": k_old}
+        publish, use = self._mapping_options()
         test_sub = test.subset(plan.test_rows)
         test_y = test_sub.targets.numpy()
+        known_rows = test_sub.subset(np.flatnonzero(test_y < k_old))
+        if self.k_mode == "known":
+            test_known = EvalSet(data=known_rows, classes=tuple(range(k_old)))
+        else:  # head of K_old + K̂_u columns: classify with the known head 0…K_old-1 only
+            test_known = EvalSet(data=known_rows, classes=(), task="head_classification", options={"head": [0, k_old]})
         return {
-            "unlabelled": EvalSet(data=train.subset(plan.unlabelled), classes=novel, task="clustering",
-                                  options=dict(opts)),
-            "test_novel": EvalSet(data=test_sub.subset(np.flatnonzero(test_y >= k_old)), classes=novel,
-                                  task="clustering", options=dict(opts)),
-            "test_known": EvalSet(data=test_sub.subset(np.flatnonzero(test_y < k_old)), classes=tuple(range(k_old))),
+            "unlabelled": EvalSet(
+                data=train.subset(plan.unlabelled), classes=(), task="clustering", options={**opts, **publish}
+            ),
+            "test_novel": EvalSet(
+                data=test_sub.subset(np.flatnonzero(test_y >= k_old)),
+                classes=(),
+                task="clustering",
+                options={**opts, **use},
+            ),
+            "test_known": test_known,
         }

@@ -210,7 +210,8 @@ class RunContext:
         return encoder.to(self.device)
 
     def _pretrain(self, pre: dict, shape: tuple) -> dict:
-        data, num_classes = _pretrain_data(pre)
+        simclr = pre.get("objective", "supervised") == "simclr"
+        data, num_classes = _pretrain_data(pre, labels=not simclr)
         sample = data.x[:1] if hasattr(data, "x") else None
         if sample is not None:
             if data.transforms is not None:
@@ -235,6 +236,29 @@ class RunContext:
         cached = self.cache.load(key) if self.cache is not None else None
         if cached is not None:
             encoder.load_state_dict(cached["state_dict"])
+        elif simclr:  # self-supervised stage 0 (gcd-ncd card §9): labels hidden, never read
+            from openworld.strategies.simclr import simclr_pretrain
+
+            info = simclr_pretrain(
+                encoder,
+                data,
+                epochs=int(pre["epochs"]),
+                batch_size=int(pre["batch_size"]),
+                temperature=float(pre.get("temperature", 0.5)),
+                optimizer=dict(pre.get("optimizer") or {}),
+                schedule=pre.get("schedule", "cosine"),
+                proj_dim=int(pre.get("proj_dim", 128)),
+                device=self.device,
+                generator=torch.Generator().manual_seed(seed),
+                num_workers=self.num_workers,
+                progress=self.progress_bar if self.progress else None,
+            )
+            if self.cache is not None:
+                self.cache.save(
+                    key,
+                    {"state_dict": encoder.state_dict()},
+                    meta={"tag": "pretrain_simclr", "num_samples": len(data), **info},
+                )
         else:
             from openworld.models.heads import ClassifierNet, LinearClassifier
 
@@ -365,9 +389,11 @@ class RunContext:
         return tqdm(iterable, disable=not self.progress, dynamic_ncols=True, **kwargs)
 
 
-def _pretrain_data(pre: dict):
+def _pretrain_data(pre: dict, labels: bool = True):
     """The pre-training set of a ``pretrain:`` section: its source's training split, restricted to
-    ``classes`` (relabelled 0…n−1 in the order given) and ``per_class`` hashed picks per class."""
+    ``classes`` (relabelled 0…n−1 in the order given) and ``per_class`` hashed picks per class.
+    ``labels=False`` (self-supervised objectives, without ``classes``/``per_class``): the whole split
+    with its targets hidden, so no label is read."""
     import numpy as np
 
     from openworld.data.splits import pick
@@ -376,6 +402,8 @@ def _pretrain_data(pre: dict):
     d = dict(pre["data"])
     source, root, download = d.pop("source"), d.pop("root", None), bool(d.pop("download", False))
     train = DATASETS.get(source)(root=root, download=download, **d).train
+    if not labels and pre.get("classes") is None and pre.get("per_class") is None:
+        return train.detach_origin().hide_labels(), 0
     labels = train.targets.numpy()
     available = sorted(int(c) for c in np.unique(labels))
     classes = [int(c) for c in pre["classes"]] if pre.get("classes") is not None else available
@@ -562,6 +590,28 @@ class Strategy:
 
     def adapt(self, inputs) -> None:
         """Transductive strategies (``transductive = True``) adapt to evaluation inputs here."""
+
+    def adapt_fraction(self) -> float | None:
+        """For a transductive strategy: ``None`` (adapt on the whole evaluation set and be scored on it),
+        or a fraction f in (0, 1): the runner adapts on a seeded f-part of each evaluation set and scores
+        only the rest, so the cost of transduction can be measured (e.g. SADE's ``tta="split"``)."""
+        return None
+
+    def selects_on_test(self) -> bool:
+        """True when the strategy opted in to selecting epochs on the test set (a protocol of some
+        official code, e.g. SADE's ``checkpoint="test"``). The runner then puts the labelled test set in
+        ``ctx.selection_override`` during ``learn`` and marks the run's results as not clean."""
+        return False
+
+    def run_info(self) -> dict[str, Any]:
+        """JSON-able facts the strategy decided while learning the session just learned (e.g. an
+        estimated number of clusters K̂); stored as ``sessions[i].strategy_info`` in ``results.json``."""
+        return {}
+
+    def eval_diagnostics(self) -> dict[str, float]:
+        """Scalars describing the strategy's state for the evaluation set just scored (e.g. SADE's
+        aggregation weights after adapting to it); logged next to that set's metrics. Default: none."""
+        return {}
 
     def state_dict(self) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement state_dict()")

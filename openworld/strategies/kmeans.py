@@ -9,7 +9,8 @@
 * ``ss_kmeans`` on ``ncd`` (B3, Troisemaine et al.'s NCD k-means, :func:`ncd_kmeans`): known class
   means only seed the novel centroids; plain k-means on ``D_U`` with the novel centroids.
 * :func:`estimate_k_brent` (GCD, bounded Brent over K on labelled-row Hungarian accuracy) and
-  :func:`estimate_k_silhouette` (NCD, silhouette on a latent space).
+  :func:`estimate_k_silhouette` (NCD, silhouette on a latent space); :func:`estimate_num_clusters`
+  picks one by scenario kind for ``k_mode: estimated`` (ncd: head = K_old + K̂_u novel clusters).
 
 Features: ``features="backbone"`` uses the recipe's backbone (pretrained if the recipe says so) in
 inference mode; ``"input"`` uses the flattened test-transformed input (pixels), for runs without a
@@ -68,9 +69,18 @@ def _seed(x_u: Tensor, fixed: Tensor, n_new: int, power: float, generator: torch
     return torch.cat(chosen) if chosen else x_u.new_zeros(0, x_u.shape[1])
 
 
-def ss_kmeans_gcd(x_l: Tensor, y_l: Tensor, x_u: Tensor, num_clusters: int, num_old: int, *, n_init: int = 10,
-                  max_iter: int = 10, tol: float = 1e-4, generator: torch.Generator | None = None
-                  ) -> tuple[Tensor, float]:
+def ss_kmeans_gcd(
+    x_l: Tensor,
+    y_l: Tensor,
+    x_u: Tensor,
+    num_clusters: int,
+    num_old: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 10,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, float]:
     """GCD semi-supervised k-means (card §2.5 B2). Returns ``(centroids [K, d], inertia)``.
 
     The returned centroids are those of the lowest-inertia iteration **before** its update, so the
@@ -99,9 +109,19 @@ def ss_kmeans_gcd(x_l: Tensor, y_l: Tensor, x_u: Tensor, num_clusters: int, num_
     return best_c, best_inertia
 
 
-def ncd_kmeans(x_l: Tensor, y_l: Tensor, x_u: Tensor, num_new: int, num_old: int, *, n_init: int = 10,
-               max_iter: int = 1000, tol: float = 1e-10, seed_power: float = 1.0,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, float]:
+def ncd_kmeans(
+    x_l: Tensor,
+    y_l: Tensor,
+    x_u: Tensor,
+    num_new: int,
+    num_old: int,
+    *,
+    n_init: int = 10,
+    max_iter: int = 1000,
+    tol: float = 1e-10,
+    seed_power: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, float]:
     """NCD k-means (card §2.5 B3). Returns ``(known means [K_old, d], novel centroids [K_new, d], inertia)``.
 
     Seeds ∝ distance^``seed_power`` (1 as released, 2 = k-means++) to the nearest known or chosen
@@ -126,8 +146,14 @@ def ncd_kmeans(x_l: Tensor, y_l: Tensor, x_u: Tensor, num_new: int, num_old: int
     return known, best_c, best_inertia
 
 
-def estimate_k_brent(feats: Tensor | np.ndarray, y_labelled: Tensor | np.ndarray, k_min: int, k_max: int,
-                     random_state: int = 0, n_init: int = 10) -> int:
+def estimate_k_brent(
+    feats: Tensor | np.ndarray,
+    y_labelled: Tensor | np.ndarray,
+    k_min: int,
+    k_max: int,
+    random_state: int = 0,
+    n_init: int = 10,
+) -> int:
     """GCD's estimator (card §2.7): ``K̂ = int(argmin_K −ACC(y_L, KMeans(int(K)).fit(all)[L]))`` by bounded
     Brent over ``[k_min, k_max]``. The first ``len(y_labelled)`` rows of ``feats`` are the labelled ones."""
     from scipy.optimize import minimize_scalar
@@ -152,9 +178,45 @@ def estimate_k_silhouette(feats: Tensor | np.ndarray, k_max: int, k_min: int = 2
     from sklearn.metrics import silhouette_score
 
     x = np.asarray(feats.cpu() if isinstance(feats, Tensor) else feats, dtype=np.float64)
-    scores = {k: silhouette_score(x, KMeans(k, n_init=10, random_state=random_state).fit_predict(x))
-              for k in range(int(k_min), int(k_max) + 1)}
+    scores = {
+        k: silhouette_score(x, KMeans(k, n_init=10, random_state=random_state).fit_predict(x))
+        for k in range(int(k_min), int(k_max) + 1)
+    }
     return max(scores, key=lambda k: (scores[k], -k))
+
+
+def estimate_num_clusters(
+    kind: str, feats_l: Tensor, y_l: Tensor, feats_u: Tensor, num_old: int, k_max: int | None = None, n_init: int = 10
+) -> int:
+    """The head size K̂ for ``k_mode: estimated`` (card §2.7), from D_L labels and features only.
+
+    ``gcd``: :func:`estimate_k_brent` on ``D_L ∪ D_U`` (labelled rows first) over ``[K_old, k_max]``
+    (``None`` → 4·K_old); returns K̂. ``ncd``: :func:`estimate_k_silhouette` on the D_U features over
+    ``[2, k_max]`` (``None`` → 2·K_old); returns ``K_old + K̂_u`` (known head + novel clusters). No D_U
+    label is an input. Features are used as given (normalise them beforehand if wanted).
+    """
+    if kind == "ncd":
+        return int(num_old) + estimate_k_silhouette(feats_u, k_max=k_max or 2 * int(num_old))
+    return estimate_k_brent(
+        torch.cat([feats_l, feats_u]), y_l, k_min=int(num_old), k_max=k_max or 4 * int(num_old), n_init=n_init
+    )
+
+
+def record_k_hat(strategy: Strategy, num_clusters: int, num_old: int) -> None:
+    """Keep K̂ on the strategy (``strategy.k_hat``; :meth:`run_info`) and write ``train/k_hat`` to
+    TensorBoard at once (``ctx.log_train`` would drop a scalar logged only once between its
+    ``log_every`` steps). ``k_hat`` is the total K̂ on gcd and the novel-cluster count K̂_u on ncd."""
+    kind = strategy.ctx.scenario.get("kind")
+    strategy.k_hat = int(num_clusters) - (int(num_old) if kind == "ncd" else 0)
+    log = getattr(strategy.ctx, "_log_scalar", None)
+    if log is not None:
+        log("train/k_hat", float(strategy.k_hat), strategy.ctx.global_step)
+
+
+def run_info(strategy: Strategy) -> dict:
+    """Run-level facts a discovery strategy exposes (``k_hat``: the estimated cluster count, or
+    ``None`` when K was given); the runner stores it as ``sessions[i].strategy_info`` in results.json."""
+    return {"k_hat": getattr(strategy, "k_hat", None), "num_clusters": getattr(strategy, "num_clusters", None)}
 
 
 class _FeatureClustering(Strategy):
@@ -162,14 +224,20 @@ class _FeatureClustering(Strategy):
 
     supports = frozenset({"gcd", "ncd"})
 
-    def __init__(self, features: Literal["backbone", "input"] = "backbone", normalize: bool = True,
-                 n_init: int = 10, k_max: int | None = None):
+    def __init__(
+        self,
+        features: Literal["backbone", "input"] = "backbone",
+        normalize: bool = True,
+        n_init: int = 10,
+        k_max: int | None = None,
+    ):
         self.features = features
         self.normalize = normalize
         self.n_init = n_init
         self.k_max = k_max
         self.centroids: Tensor | None = None
         self.encoder = None
+        self.k_hat: int | None = None
 
     def _validate(self) -> None:
         if self.features not in ("backbone", "input"):
@@ -187,20 +255,25 @@ class _FeatureClustering(Strategy):
             torch.manual_seed(self.ctx.derive_seed("kmeans-encoder"))
             self.encoder = self.ctx.create_backbone().to(self.ctx.device).eval()
         feats, ys = [], []
-        for xb, yb in batches(data, self.ctx.eval_batch_size, device=self.ctx.device,
-                              num_workers=self.ctx.num_workers):
+        for xb, yb in batches(data, self.ctx.eval_batch_size, device=self.ctx.device, num_workers=self.ctx.num_workers):
             feats.append(self._encode_batch(xb))
             ys.append(yb)
         return torch.cat(feats), torch.cat(ys)
 
     def _k(self, session, x_l: Tensor, y_l: Tensor, x_u: Tensor) -> int:
+        """Head size: K given by the scenario, or K̂ (gcd) / K_old + K̂_u (ncd) estimated (card §2.7)."""
         k = session.info.get("num_clusters")
         if k is not None:
+            self.num_clusters = int(k)
             return int(k)
         k_old = int(session.info["num_old"])
-        k_hat = estimate_k_brent(torch.cat([x_l, x_u]), y_l, k_min=k_old, k_max=self.k_max or 4 * k_old)
-        self.ctx.log_train({"k_hat": k_hat})
+        k_hat = estimate_num_clusters(self.ctx.scenario.get("kind", "gcd"), x_l, y_l, x_u, k_old, self.k_max)
+        self.num_clusters = k_hat
+        record_k_hat(self, k_hat, k_old)
         return k_hat
+
+    def run_info(self) -> dict:
+        return run_info(self)
 
     def feature_cache_key(self) -> str | None:
         if self.centroids is None:
@@ -220,11 +293,15 @@ class _FeatureClustering(Strategy):
         return self.predict_features(self._encode_batch(x))
 
     def state_dict(self) -> dict:
-        return {"centroids": None if self.centroids is None else self.centroids.cpu(),
-                "encoder": None if self.encoder is None else self.encoder.state_dict()}
+        return {
+            "centroids": None if self.centroids is None else self.centroids.cpu(),
+            "encoder": None if self.encoder is None else self.encoder.state_dict(),
+            "k_hat": self.k_hat,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.centroids = None if state["centroids"] is None else state["centroids"].to(self.ctx.device)
+        self.k_hat = state.get("k_hat")
         if state.get("encoder") is not None:
             self.encoder = self.ctx.create_backbone().to(self.ctx.device).eval()
             self.encoder.load_state_dict(state["encoder"])
@@ -235,13 +312,19 @@ class KMeansBaseline(_FeatureClustering):
     """B1: scikit-learn k-means on L2-normalised features of D_L ∪ D_U (labels unused).
 
     Parameters: ``features`` (``backbone`` | ``input``), ``normalize``, ``n_init`` (10), ``max_iter``
-    (300), ``k_max`` (upper bound when K is estimated; ``None`` → 4·K_old).
+    (300), ``k_max`` (upper bound when K is estimated; ``None`` → 4·K_old on gcd, 2·K_old novel on ncd).
     """
 
     name = "kmeans"
 
-    def __init__(self, features: Literal["backbone", "input"] = "backbone", normalize: bool = True,
-                 n_init: int = 10, max_iter: int = 300, k_max: int | None = None):
+    def __init__(
+        self,
+        features: Literal["backbone", "input"] = "backbone",
+        normalize: bool = True,
+        n_init: int = 10,
+        max_iter: int = 300,
+        k_max: int | None = None,
+    ):
         super().__init__(features, normalize, n_init, k_max)
         self.max_iter = max_iter
 
@@ -255,7 +338,7 @@ class KMeansBaseline(_FeatureClustering):
             # NCD: D_U holds only new classes; cluster it into K_new groups placed in the novel head,
             # after the labelled class means (used only by the known-class evaluation).
             k_old = int(session.info.get("num_old", len(session.classes.known)))
-            k_new = int(session.info.get("num_clusters") or self.ctx.scenario["num_classes"]) - k_old
+            k_new = self._k(session, x_l, y_l, x_u) - k_old
             km = KMeans(k_new, init="k-means++", n_init=self.n_init, max_iter=self.max_iter, random_state=0)
             km.fit(x_u.cpu().numpy().astype(np.float64))
             centers = torch.as_tensor(km.cluster_centers_, dtype=torch.float32, device=self.ctx.device)
@@ -278,9 +361,16 @@ class SSKMeans(_FeatureClustering):
 
     name = "ss_kmeans"
 
-    def __init__(self, features: Literal["backbone", "input"] = "backbone", normalize: bool = True,
-                 n_init: int = 10, max_iter: int | None = None, tol: float | None = None,
-                 ncd_kmeans_seed_power: int = 1, k_max: int | None = None):
+    def __init__(
+        self,
+        features: Literal["backbone", "input"] = "backbone",
+        normalize: bool = True,
+        n_init: int = 10,
+        max_iter: int | None = None,
+        tol: float | None = None,
+        ncd_kmeans_seed_power: int = 1,
+        k_max: int | None = None,
+    ):
         super().__init__(features, normalize, n_init, k_max)
         self.max_iter = max_iter
         self.tol = tol
@@ -295,13 +385,30 @@ class SSKMeans(_FeatureClustering):
         k_old = int(session.info.get("num_old", len(session.classes.known)))
         gen = torch.Generator().manual_seed(self.ctx.derive_seed("ss_kmeans"))
         if self.ctx.scenario.get("kind") == "ncd":
-            k = int(session.info.get("num_clusters") or self.ctx.scenario["num_classes"])
+            k = self._k(session, x_l, y_l, x_u)
             known, novel, _ = ncd_kmeans(
-                x_l, y_l, x_u, k - k_old, k_old, n_init=self.n_init, max_iter=self.max_iter or 1000,
-                tol=1e-10 if self.tol is None else self.tol, seed_power=self.ncd_kmeans_seed_power, generator=gen)
+                x_l,
+                y_l,
+                x_u,
+                k - k_old,
+                k_old,
+                n_init=self.n_init,
+                max_iter=self.max_iter or 1000,
+                tol=1e-10 if self.tol is None else self.tol,
+                seed_power=self.ncd_kmeans_seed_power,
+                generator=gen,
+            )
             self.centroids = torch.cat([known, novel])
             return
         k = self._k(session, x_l, y_l, x_u)
-        self.centroids, _ = ss_kmeans_gcd(x_l, y_l, x_u, k, k_old, n_init=self.n_init,
-                                          max_iter=self.max_iter or 10, tol=1e-4 if self.tol is None else self.tol,
-                                          generator=gen)
+        self.centroids, _ = ss_kmeans_gcd(
+            x_l,
+            y_l,
+            x_u,
+            k,
+            k_old,
+            n_init=self.n_init,
+            max_iter=self.max_iter or 10,
+            tol=1e-4 if self.tol is None else self.tol,
+            generator=gen,
+        )

@@ -47,8 +47,9 @@ def dkl(z1: Tensor, z2: Tensor, mode: str = "as_released", tau: float = 0.1) -> 
     return (torch.special.xlogy(p1, p1) - p1 * logp2).sum(-1).mean()
 
 
-def ler_selection(z: Tensor, unlabelled: Tensor, num_old: int, delta: float, conf_temp: float = 0.1,
-                  mask: str = "per_view") -> Tensor:
+def ler_selection(
+    z: Tensor, unlabelled: Tensor, num_old: int, delta: float, conf_temp: float = 0.1, mask: str = "per_view"
+) -> Tensor:
     """``o_i = [unlabelled] ∧ [max_k softmax(z_i/0.1) ≥ δ] ∧ [argmax < K_old]`` over 2B rows.
 
     ``both_views`` (the paper's text): a row is selected only if both views of its image pass.
@@ -124,7 +125,8 @@ class LegoGCD(SimGCD):
         proj_dim: int = 256,
         proj_layers: int = 3,
         finetune: Literal["all", "last_block", "none"] = "last_block",
-        k_estimate: Literal["brent"] = "brent",
+        k_estimate: Literal["auto", "brent"] = "auto",
+        k_features: Literal["backbone", "base_model"] = "backbone",
         k_max: int | None = None,
         ler_beta: float = 2.0,
         ler_delta: float = 0.95,
@@ -139,12 +141,28 @@ class LegoGCD(SimGCD):
         dkl_temp: float = 0.1,
     ):
         super().__init__(
-            epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-            lr_min_factor=lr_min_factor, sup_weight=sup_weight, memax_weight=memax_weight,
-            student_temp=student_temp, teacher_temp_start=teacher_temp_start, teacher_temp_end=teacher_temp_end,
-            teacher_warmup=teacher_warmup, teacher_schedule=teacher_schedule, infonce_temp=infonce_temp,
-            supcon_temp=supcon_temp, proj_hidden=proj_hidden, proj_dim=proj_dim, proj_layers=proj_layers,
-            finetune=finetune, k_estimate=k_estimate, k_max=k_max,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            lr_min_factor=lr_min_factor,
+            sup_weight=sup_weight,
+            memax_weight=memax_weight,
+            student_temp=student_temp,
+            teacher_temp_start=teacher_temp_start,
+            teacher_temp_end=teacher_temp_end,
+            teacher_warmup=teacher_warmup,
+            teacher_schedule=teacher_schedule,
+            infonce_temp=infonce_temp,
+            supcon_temp=supcon_temp,
+            proj_hidden=proj_hidden,
+            proj_dim=proj_dim,
+            proj_layers=proj_layers,
+            finetune=finetune,
+            k_estimate=k_estimate,
+            k_features=k_features,
+            k_max=k_max,
         )
         if dkl_mode not in DKL_MODES:
             raise ValueError(f"dkl_mode must be one of {', '.join(DKL_MODES)}, got {dkl_mode!r}")
@@ -170,8 +188,9 @@ class LegoGCD(SimGCD):
     def _start_training(self, num_classes: int, num_old: int, total_steps: int) -> None:
         self.qhat = torch.full((num_classes,), 1.0 / num_classes, device=self.ctx.device)
         self._num_old = num_old
-        self._momentum = (scaled_qhat_momentum(total_steps) if self.qhat_momentum == "scaled"
-                          else float(self.qhat_momentum))
+        self._momentum = (
+            scaled_qhat_momentum(total_steps) if self.qhat_momentum == "scaled" else float(self.qhat_momentum)
+        )
 
     def _extra_loss(self, z: Tensor, labelled: Tensor, step: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         z1, z2 = z.chunk(2)
@@ -180,8 +199,12 @@ class LegoGCD(SimGCD):
             self.qhat = torch.full((z.shape[1],), 1.0 / z.shape[1], device=z.device)
         selected = ler_selection(z, ~labelled, self._num_old, self.ler_delta, self.ler_conf_temp, self.ler_mask)
         ler = ler_loss(z, selected, self.qhat if self.map_margin else None, self.ler_temp, self.ler_margin)
-        logs = {"loss_dkl": d.detach(), "loss_ler": ler.detach(),
-                "ler_selected_frac": selected.float().mean(), "qhat_max": self.qhat.max()}
+        logs = {
+            "loss_dkl": d.detach(),
+            "loss_ler": ler.detach(),
+            "ler_selected_frac": selected.float().mean(),
+            "qhat_max": self.qhat.max(),
+        }
         return d, self.ler_beta * ler, logs
 
     def _after_step(self, z: Tensor) -> None:
@@ -192,8 +215,11 @@ class LegoGCD(SimGCD):
         super().learn(session)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "qhat": None if self.qhat is None else self.qhat.cpu(),
-                "num_old": self._num_old}
+        return {
+            **super().state_dict(),
+            "qhat": None if self.qhat is None else self.qhat.cpu(),
+            "num_old": self._num_old,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)

@@ -12,8 +12,9 @@ becomes its one-expert twin) with a linear classifier. Training follows the LT s
 (§2.3, scaled per §9): SGD + Nesterov, linear warm-up over ``warmup_epochs`` (default
 ``ceil(E/40)``), ×``gamma`` at ``milestones`` (default ``0.8E`` and ``0.9E``). Checkpoint selection
 (§1.5): ``val`` (default; best balanced accuracy on the session's validation split, whose labels
-may be noisy), or ``last``. ``test`` selection is not supported (it would need the runner to hand
-over a test set under a flag; the card's pitfall 1).
+may be noisy), ``last``, or ``test`` (opt-in, the official SADE CIFAR/iNat protocol: the runner hands
+over the labelled ``uniform`` test set for selection only and marks the results as not clean; the
+card's pitfall 1).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from openworld.registry import register_strategy
 from openworld.strategies.base import NonFiniteLossError, Prediction, Strategy
 
 EPS = 1e-9
-CHECKPOINTS = ("val", "last")
+CHECKPOINTS = ("val", "last", "test")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,14 +85,23 @@ class LTSchedule:
 
 
 def check_checkpoint(value: str) -> str:
-    if value == "test":
-        raise ValueError(
-            "checkpoint: 'test' (selecting epochs on the test set, the official SADE CIFAR protocol) is not "
-            "supported by the long_tail scenario: the runner hands no test set to strategies; use 'val' or 'last'"
-        )
     if value not in CHECKPOINTS:
         raise ValueError(f"checkpoint: allowed values are {', '.join(CHECKPOINTS)}; got {value!r}")
     return value
+
+
+def selection_data(strategy, session):
+    """The labelled data epochs are selected on: the session's validation split (``val``), the test set
+    the runner put in ``ctx.selection_override`` (``test``, opt-in), or none (``last``)."""
+    if strategy.checkpoint == "last":
+        return None
+    if strategy.checkpoint == "val":
+        return session.validation
+    data = strategy.ctx.selection_override
+    if data is None:
+        raise RuntimeError(f"{type(strategy).__name__}: checkpoint='test' but the runner provided no test set "
+                           "for selection (run it through openworld's Runner)")
+    return data
 
 
 @torch.no_grad()
@@ -160,7 +170,7 @@ def fit(
         if not bool(finite):
             raise NonFiniteLossError(f"{desc}: non-finite loss in epoch {epoch} (lr {lr:g})")
         record = {"epoch": epoch, "loss": float(total) / max(steps, 1), "lr": lr}
-        if checkpoint == "val" and validate is not None:
+        if checkpoint in ("val", "test") and validate is not None:
             module.eval()
             score = validate()
             module.train()
@@ -218,7 +228,7 @@ class _LTClassifier(Strategy):
         def loss_fn(x, y):
             return F.cross_entropy(self.net(x) + offset, y), {}
 
-        val = session.validation
+        val = selection_data(self, session)
         validate = None
         if val is not None and len(val):
             def validate():
@@ -227,6 +237,9 @@ class _LTClassifier(Strategy):
         self.info = fit(self.net, session.labeled, loss_fn, ctx=self.ctx, schedule=self._schedule(),
                         batch_size=self.batch_size, momentum=self.momentum, weight_decay=self.weight_decay,
                         checkpoint=self.checkpoint, validate=validate, generator=gen, desc=f"{type(self).__name__}")
+
+    def selects_on_test(self) -> bool:
+        return self.checkpoint == "test"
 
     def _schedule(self) -> LTSchedule:
         return LTSchedule(self.epochs, self.lr, self.warmup_epochs, self.milestones, self.gamma)
@@ -241,7 +254,9 @@ class _LTClassifier(Strategy):
         return Prediction(logits=self._scores(x))
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "prior": self.prior.cpu()}
+        info = getattr(self, "info", {}) or {}
+        return {"net": self.net.state_dict(), "prior": self.prior.cpu(),
+                "selection": {"best_epoch": info.get("best_epoch"), "best_val": info.get("best_val")}}
 
     def load_state_dict(self, state: dict) -> None:
         self.net = self._build()

@@ -50,7 +50,7 @@ from openworld.models import experts as _experts  # noqa: F401  (registers the m
 from openworld.models.experts import single_branch_backbone
 from openworld.registry import register_strategy
 from openworld.strategies.base import NonFiniteLossError, Prediction, Strategy
-from openworld.strategies.long_tail_baselines import balanced_accuracy_of, check_checkpoint
+from openworld.strategies.long_tail_baselines import balanced_accuracy_of, check_checkpoint, selection_data
 from openworld.strategies.sade import make_view
 
 OMEGA = ("as_paper", "equal")
@@ -293,6 +293,9 @@ class RCAL(Strategy):
         return enc_q.eval()
 
     # -- stage 2 -------------------------------------------------------------------------------------
+    def selects_on_test(self) -> bool:
+        return self.checkpoint == "test"
+
     def learn(self, session) -> None:
         dev = self.ctx.device
         c = session.classes.num_classes
@@ -331,7 +334,7 @@ class RCAL(Strategy):
         beta_dist = torch.distributions.Beta(a_mix, a_mix)
         perm_s = torch.randperm(len(ys_t), generator=gen).to(dev)
         s_pos = 0
-        val = session.validation
+        val = selection_data(self, session)
         best, best_state = -1.0, None
         for epoch in self.ctx.progress_bar(range(self.epochs), desc="rcal", unit="ep"):
             factor = 0.1 ** sum(1 for m in milestones if m <= epoch)
@@ -371,7 +374,7 @@ class RCAL(Strategy):
                                     "loss_sampled_ce": l_s.detach(), "epoch": epoch})
             if not bool(finite):
                 raise NonFiniteLossError(f"rcal: non-finite loss in epoch {epoch}")
-            if self.checkpoint == "val" and val is not None and len(val):
+            if val is not None and len(val):
                 self.encoder.eval()
                 score = balanced_accuracy_of(self._scores, val, c, dev, self.ctx.eval_batch_size)
                 if score >= best:

@@ -17,8 +17,9 @@ Nesterov, the training weight decay) to maximise the cosine similarity of the pr
 ``softmax(Σ_k α_k v_k)`` on two strong views of each image (batch 128, shuffled), for at most
 ``tta_epochs`` epochs; after each epoch α is rounded to 2 decimals and adaptation **stops** if any
 rounded α_k < 0.05 (:func:`should_stop`). ``tta="off"`` keeps α uniform (the expert average).
-``tta="split"`` (adapt on half, report on the other half) is not supported: the runner scores the
-whole set. Predictions are ``Σ_k α_k v_k`` with the test transform. The learned α and the epochs
+``tta="split"`` adapts the same way on a seeded 50 % of each set and is scored on the other 50 %
+(the runner draws the halves, :meth:`Strategy.adapt_fraction`): the cost of not being transductive.
+Predictions are ``Σ_k α_k v_k`` with the test transform. The learned α and the epochs
 run per adapted set are kept in ``state_dict()["tta_log"]``.
 
 Strong views (§2.4): RandomCrop (pad 4), ColorJitter(.4, .4, .4, .1) with p = .8 (brightness,
@@ -48,12 +49,13 @@ from openworld.strategies.long_tail_baselines import (
     LTSchedule,
     balanced_accuracy_of,
     check_checkpoint,
+    selection_data,
     fit,
     prior_from_counts,
 )
 
 INVERSE_PRIOR_MODES = ("sort_stable", "sort_unstable", "flip")
-TTA_MODES = ("transductive", "off")
+TTA_MODES = ("transductive", "split", "off")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,11 +250,6 @@ class SADE(Strategy):
         tta_stop_threshold: float = 0.05,
         vector_view_noise: float = 0.5,
     ):
-        if tta == "split":
-            raise ValueError(
-                "sade: tta='split' (adapt on a seeded half, report on the other half) is not supported: the "
-                "runner scores the whole evaluation set; use 'transductive' or 'off'"
-            )
         if tta not in TTA_MODES:
             raise ValueError(f"sade: tta must be one of {', '.join(TTA_MODES)}; got {tta!r}")
         if inverse_prior not in INVERSE_PRIOR_MODES:
@@ -305,7 +302,7 @@ class SADE(Strategy):
             losses = sade_losses(self.net(x).float(), y, offsets)
             return losses.sum(), {"e1": losses[0], "e2": losses[1], "e3": losses[2]}
 
-        val = session.validation
+        val = selection_data(self, session)
         validate = None
         if val is not None and len(val):
             def validate():
@@ -353,6 +350,12 @@ class SADE(Strategy):
                 break
         self.alpha = torch.softmax(w.detach().float(), 0).cpu()
         self.tta_log.append({"alpha": self.alpha.tolist(), "epochs": epochs, "n": len(inputs)})
+
+    def adapt_fraction(self) -> float | None:
+        return 0.5 if self.tta == "split" else None
+
+    def selects_on_test(self) -> bool:
+        return self.checkpoint == "test"
 
     def eval_diagnostics(self) -> dict[str, float]:
         """The last adaptation's α and epoch count (card §5: ``sade_alpha_{1,2,3}``, ``sade_tta_epochs``),

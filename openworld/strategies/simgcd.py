@@ -39,8 +39,9 @@ from openworld.strategies.base import NonFiniteLossError, Prediction, Strategy
 # ------------------------------------------------------------------------------------------------
 
 
-def teacher_temperatures(epochs: int, warmup: int, start: float = 0.07, end: float = 0.04,
-                         kind: Literal["linear", "cosine"] = "linear") -> np.ndarray:
+def teacher_temperatures(
+    epochs: int, warmup: int, start: float = 0.07, end: float = 0.04, kind: Literal["linear", "cosine"] = "linear"
+) -> np.ndarray:
     """``τ_t(e)`` for e = 0…E-1: ``linspace(start, end, W)`` then ``end`` (``linear``, the released code).
 
     ``cosine`` (the LegoGCD text): ``end + (start−end)(1+cos(π e/(W−1)))/2`` for ``e < W``, then ``end``.
@@ -175,8 +176,10 @@ def last_block(backbone: nn.Module) -> nn.Module:
         stage = getattr(inner, name, None)
         if stage is not None:
             return stage[-1]
-    raise ValueError(f"finetune: 'last_block' is not supported for backbone {type(inner).__name__} "
-                     "(known: timm ViT blocks, SmallCNN, ResNet stages); use finetune: all")
+    raise ValueError(
+        f"finetune: 'last_block' is not supported for backbone {type(inner).__name__} "
+        "(known: timm ViT blocks, SmallCNN, ResNet stages); use finetune: all"
+    )
 
 
 def set_trainable(backbone: nn.Module, finetune: str) -> None:
@@ -209,8 +212,7 @@ class _TwoViewFiles(torch.utils.data.Dataset):
         return tf(img), tf(img), int(self.data.targets[i])
 
 
-def two_view_batches(data, order: Tensor, batch_size: int, *, device, generator: torch.Generator,
-                     num_workers: int = 0):
+def two_view_batches(data, order: Tensor, batch_size: int, *, device, generator: torch.Generator, num_workers: int = 0):
     """Yield ``(x [2B, …], y [B])`` for consecutive ``batch_size`` slices of ``order`` (drop_last):
     rows ``0..B-1`` are view 1 and ``B..2B-1`` view 2 of the same samples (train transform twice)."""
     n_batches = len(order) // batch_size
@@ -220,15 +222,20 @@ def two_view_batches(data, order: Tensor, batch_size: int, *, device, generator:
         order = order.to(device)
         tf = data.transforms.train if data.transforms is not None else None
         for b in range(n_batches):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             xb = x_all[idx]
             v1 = tf(xb, generator=generator) if tf is not None else xb
             v2 = tf(xb, generator=generator) if tf is not None else xb
             yield torch.cat([v1, v2]), y_all[idx]
         return
     loader = torch.utils.data.DataLoader(
-        _TwoViewFiles(data), batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers,
-        drop_last=True, pin_memory=torch.device(device).type == "cuda")
+        _TwoViewFiles(data),
+        batch_size=batch_size,
+        sampler=order.tolist(),
+        num_workers=num_workers,
+        drop_last=True,
+        pin_memory=torch.device(device).type == "cuda",
+    )
     for v1, v2, yb in loader:
         yield torch.cat([v1, v2]).to(device, non_blocking=True), yb.to(device, non_blocking=True)
 
@@ -258,9 +265,17 @@ class SimGCD(Strategy):
         infonce_temp: τ_c (1.0). supcon_temp: τ = τ_b (0.07).
         proj_hidden, proj_dim, proj_layers: projector MLP.
         finetune: ``last_block`` (card: only the last ViT block trains) | ``all`` | ``none``.
-        k_estimate: used when the scenario does not give K (``k_mode: estimated``): ``brent`` (GCD
-            bounded-Brent estimator on the initial backbone features, :func:`estimate_k_brent`).
-        k_max: upper bound of the search (``None`` → ``4·K_old``, the card's small-data choice).
+        k_estimate: used when the scenario does not give K (``k_mode: estimated``, card §2.7): ``auto``
+            = bounded Brent on gcd (:func:`~openworld.strategies.kmeans.estimate_k_brent`, labelled-row
+            Hungarian accuracy) and silhouette of the D_U features on ncd
+            (:func:`~openworld.strategies.kmeans.estimate_k_silhouette`; head = K_old + K̂_u);
+            ``brent`` is accepted as the former name of ``auto``.
+        k_features: the latent space of the estimate: ``backbone`` (the recipe's backbone as built,
+            pre-trained when the recipe has a ``pretrain:`` stage) or ``base_model`` (its encoder after
+            the recipe's ``base:`` training on D_L, the card's "model trained with D_L" for NCD).
+            L2-normalised. Only D_L labels are used.
+        k_max: upper bound of the search (``None`` → ``4·K_old`` on gcd, ``2·K_old`` novel clusters on
+            ncd, the card's small-data choices).
     """
 
     name = "simgcd"
@@ -287,7 +302,8 @@ class SimGCD(Strategy):
         proj_dim: int = 256,
         proj_layers: int = 3,
         finetune: Literal["all", "last_block", "none"] = "last_block",
-        k_estimate: Literal["brent"] = "brent",
+        k_estimate: Literal["auto", "brent"] = "auto",
+        k_features: Literal["backbone", "base_model"] = "backbone",
         k_max: int | None = None,
     ):
         self.epochs = epochs
@@ -310,7 +326,9 @@ class SimGCD(Strategy):
         self.proj_layers = proj_layers
         self.finetune = finetune
         self.k_estimate = k_estimate
+        self.k_features = k_features
         self.k_max = k_max
+        self.k_hat: int | None = None
 
     # -- hooks for LegoGCD ---------------------------------------------------------------------------
     def _extra_loss(self, z: Tensor, labelled: Tensor, step: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -326,19 +344,35 @@ class SimGCD(Strategy):
 
     # -- learning ------------------------------------------------------------------------------------
     def _num_clusters(self, session) -> int:
+        """Head size: K from the scenario, or (``k_mode: estimated``) K̂ on gcd / K_old + K̂_u on ncd."""
         k = session.info.get("num_clusters")
         if k is not None:
             return int(k)
-        from openworld.strategies.kmeans import estimate_k_brent, l2_features
+        from openworld.strategies.kmeans import estimate_num_clusters, l2_features, record_k_hat
 
-        backbone = self.ctx.create_backbone().to(self.ctx.device)
-        feats_l, y_l = self.ctx.extract_features(backbone, session.labeled)
-        feats_u, _ = self.ctx.extract_features(backbone, session.unlabeled)
+        if self.k_estimate not in ("auto", "brent"):
+            raise ValueError(f"{self.name}: k_estimate must be 'auto' or 'brent', got {self.k_estimate!r}")
         k_old = int(session.info["num_old"])
-        k_hat = estimate_k_brent(l2_features(torch.cat([feats_l, feats_u])), y_l, k_min=k_old,
-                                 k_max=self.k_max or 4 * k_old)
-        self.ctx.log_train({"k_hat": k_hat})
+        with torch.random.fork_rng(devices=[]):  # the estimate leaves the training's random stream alone
+            if self.k_features == "base_model":
+                encoder = self.ctx.base_model(session, num_active=k_old, tag="k_estimate").encoder
+            elif self.k_features == "backbone":
+                encoder = self.ctx.create_backbone().to(self.ctx.device)
+            else:
+                raise ValueError(f"{self.name}: k_features must be 'backbone' or 'base_model', got {self.k_features!r}")
+            feats_l, y_l = self.ctx.extract_features(encoder, session.labeled)
+            feats_u, _ = self.ctx.extract_features(encoder, session.unlabeled)
+        k_hat = estimate_num_clusters(
+            self.ctx.scenario.get("kind", "gcd"), l2_features(feats_l), y_l, l2_features(feats_u), k_old, self.k_max
+        )
+        record_k_hat(self, k_hat, k_old)
         return k_hat
+
+    def run_info(self) -> dict:
+        """``{"k_hat", "num_clusters"}``: K̂ (None when K was given) and the head size."""
+        from openworld.strategies.kmeans import run_info
+
+        return run_info(self)
 
     def learn(self, session) -> None:
         ctx = self.ctx
@@ -355,20 +389,29 @@ class SimGCD(Strategy):
         for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.SGD([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=self.lr,
-                              momentum=self.momentum, weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
         data = _concat_train(labeled, unlabeled)
         n_l = len(labeled) if labeled is not None else 0
         n_u = len(unlabeled) if unlabeled is not None else 0
-        weights = torch.cat([torch.ones(n_l, dtype=torch.float64),
-                             torch.full((n_u,), n_l / n_u if n_u and n_l else 1.0, dtype=torch.float64)])
+        weights = torch.cat(
+            [
+                torch.ones(n_l, dtype=torch.float64),
+                torch.full((n_u,), n_l / n_u if n_u and n_l else 1.0, dtype=torch.float64),
+            ]
+        )
         n_draw = n_l + n_u
         if n_draw < self.batch_size:
             raise ValueError(f"{self.name}: {n_draw} training samples < batch_size {self.batch_size} (drop_last)")
         steps_per_epoch = n_draw // self.batch_size
         warmup = self.teacher_warmup or max(1, math.ceil(0.15 * self.epochs))
-        taus = teacher_temperatures(self.epochs, warmup, self.teacher_temp_start, self.teacher_temp_end,
-                                    self.teacher_schedule)
+        taus = teacher_temperatures(
+            self.epochs, warmup, self.teacher_temp_start, self.teacher_temp_end, self.teacher_schedule
+        )
         self._start_training(K, k_old, steps_per_epoch * self.epochs)
         gen = torch.Generator().manual_seed(ctx.derive_seed("simgcd-train"))
         lr_min = self.lr * self.lr_min_factor
@@ -380,8 +423,9 @@ class SimGCD(Strategy):
                 g["lr"] = lr
             order = torch.multinomial(weights, n_draw, replacement=True, generator=gen)
             finite = torch.ones((), dtype=torch.bool, device=device)
-            for x, y in two_view_batches(data, order, self.batch_size, device=device, generator=gen,
-                                         num_workers=ctx.num_workers):
+            for x, y in two_view_batches(
+                data, order, self.batch_size, device=device, generator=gen, num_workers=ctx.num_workers
+            ):
                 with ctx.autocast():
                     _, u, z = self.model(x)
                 loss, logs = self.batch_loss(z.float(), u.float(), y, y >= 0, float(taus[epoch]), step)
@@ -396,8 +440,9 @@ class SimGCD(Strategy):
                 raise NonFiniteLossError(f"{self.name}: non-finite loss in epoch {epoch} (lr {lr:g})")
         self.model.eval()
 
-    def batch_loss(self, z: Tensor, u: Tensor, y: Tensor, labelled: Tensor, tau_t: float,
-                   step: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    def batch_loss(
+        self, z: Tensor, u: Tensor, y: Tensor, labelled: Tensor, tau_t: float, step: int = 0
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The card's total loss on one two-view batch.
 
         ``z`` [2B, K] cosine logits and ``u`` [2B, d] projections (view 1 rows first); ``y`` [B] labels,
@@ -416,11 +461,22 @@ class SimGCD(Strategy):
         else:
             loss_sc = z.new_zeros(())
         inner, outer, extra = self._extra_loss(z, lab2, step)
-        loss = ((1 - lam) * (loss_u + inner + self.memax_weight * reg) + lam * loss_sup
-                + (1 - lam) * loss_c + lam * loss_sc + outer)
-        logs = {"loss": loss.detach(), "loss_sup_ce": loss_sup.detach(), "loss_distill": loss_u.detach(),
-                "loss_memax": reg.detach(), "loss_infonce": loss_c.detach(), "loss_supcon": loss_sc.detach(),
-                **extra}
+        loss = (
+            (1 - lam) * (loss_u + inner + self.memax_weight * reg)
+            + lam * loss_sup
+            + (1 - lam) * loss_c
+            + lam * loss_sc
+            + outer
+        )
+        logs = {
+            "loss": loss.detach(),
+            "loss_sup_ce": loss_sup.detach(),
+            "loss_distill": loss_u.detach(),
+            "loss_memax": reg.detach(),
+            "loss_infonce": loss_c.detach(),
+            "loss_supcon": loss_sc.detach(),
+            **extra,
+        }
         return loss, logs
 
     @torch.no_grad()
@@ -431,12 +487,14 @@ class SimGCD(Strategy):
         return Prediction(logits=z.float())
 
     def state_dict(self) -> dict:
-        return {"num_clusters": self.num_clusters, "model": self.model.state_dict()}
+        return {"num_clusters": self.num_clusters, "k_hat": self.k_hat, "model": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.num_clusters = int(state["num_clusters"])
+        self.k_hat = state.get("k_hat")
         backbone = self.ctx.create_backbone()
-        self.model = GCDModel(backbone, self.num_clusters, self.proj_hidden, self.proj_dim,
-                              self.proj_layers).to(self.ctx.device)
+        self.model = GCDModel(backbone, self.num_clusters, self.proj_hidden, self.proj_dim, self.proj_layers).to(
+            self.ctx.device
+        )
         self.model.load_state_dict(state["model"])
         self.model.eval()
