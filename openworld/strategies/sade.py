@@ -49,9 +49,9 @@ from openworld.strategies.long_tail_baselines import (
     LTSchedule,
     balanced_accuracy_of,
     check_checkpoint,
-    selection_data,
     fit,
     prior_from_counts,
+    selection_data,
 )
 
 INVERSE_PRIOR_MODES = ("sort_stable", "sort_unstable", "flip")
