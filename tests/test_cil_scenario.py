@@ -182,3 +182,22 @@ def test_e2e_digits_ncm_forgets_less_than_finetune(tmp_path):
     assert ft["forgetting"] > 50.0
     assert ncm["forgetting"] < ft["forgetting"] - 20.0
     assert ncm["avg_acc_tasks"] > ft["avg_acc_tasks"] + 20.0
+
+
+def test_e2e_ovor_pilot_thresholds_reach_results_json(tmp_path):
+    recipe = validate_recipe({
+        "name": "cil_digits_ovor",
+        "scenario": {"kind": "cil", "data": {"source": "digits"}, "num_tasks": 2},
+        "backbone": {"name": "vit", "img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 5, "num_heads": 2},
+        "strategies": {"ovor": {"thresholds": "pilot", "epochs_regular": 1, "epochs_vor": 1, "batch_size": 64,
+                                "knn_k": 5, "sample_from": 20, "select": 5, "num_per_class": 4}},
+        "seeds": [0],
+    })
+    runs = Runner(recipe, out=tmp_path, progress=False, stream=open(tmp_path / "log.txt", "w")).run()
+    assert [r.status for r in runs] == ["finished"], runs[0].reason
+    res = json.loads((runs[0].run_dir / "results.json").read_text())
+    info = [s["strategy_info"] for s in res["sessions"]]
+    assert info[0]["thresholds"] == "pilot" and info[0]["tau_ood"] >= info[0]["tau_id"] + 1 - 1e-6
+    assert info[0]["pilot"]["tau_id"] == info[0]["tau_id"]  # calibrated on task 0 ...
+    assert (info[1]["tau_id"], info[1]["tau_ood"]) == (info[0]["tau_id"], info[0]["tau_ood"])  # ... then frozen
+    assert 0.0 <= info[1]["last_vor_epoch"]["active_ood"] <= 1.0

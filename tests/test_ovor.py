@@ -1,8 +1,9 @@
-"""OVOR / OnePrompt (card cil-ovor §2, §7): VOR loss (V1), LR factors (V2), outlier generator (V5,
-V6), prompt geometry (V7) and the training invariants (V8)."""
+"""OVOR / OnePrompt (card cil-ovor §2, §7, §9): VOR loss (V1), LR factors (V2), outlier generator (V5,
+V6), prompt geometry (V7), the training invariants (V8) and the §9 pilot threshold calibration."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -19,9 +20,11 @@ from openworld.strategies.ovor import (
     OVORConfigError,
     energy,
     generate_outliers,
+    hinge_activity,
     kth_sq_distance,
     lr_factor,
     ood_batch_size,
+    pilot_thresholds,
     vor_loss,
 )
 
@@ -36,8 +39,13 @@ T = torch.tensor
     [
         ([[10, 10]], [[0, 0]], [-10.693147], [-0.693147], 0.380685),
         ([[10, 10]], [[5, 1]], [-10.693147], [-5.018150], 0.532500),
-        ([[10, 10], [16, 0]], [[0, 0], [5, 1], [3.5, 3.5]], [-10.693147, -16.0],
-         [-0.693147, -5.018150, -4.193147], 0.264053),
+        (
+            [[10, 10], [16, 0]],
+            [[0, 0], [5, 1], [3.5, 3.5]],
+            [-10.693147, -16.0],
+            [-0.693147, -5.018150, -4.193147],
+            0.264053,
+        ),
     ],
 )
 def test_v1_vor_loss(id_logits, ood_logits, e_id, e_ood, expected):
@@ -67,9 +75,15 @@ def test_vor_loss_mse_and_inactive_hinges():
 @pytest.mark.parametrize(
     "K, e, released, nominal",
     [
-        (20, 0, 1, 1), (20, 1, 1, 0.996652), (20, 2, 0.996652, 0.986632),
-        (20, 16, 0.336403, 0.258287), (20, 17, 0.258287, 0.178441), (20, 19, 0.097400, 0.015707),
-        (50, 2, 0.999496, 0.997986), (50, 40, 0.326949, 0.296797), (50, 49, 0.047427, 0.015707),
+        (20, 0, 1, 1),
+        (20, 1, 1, 0.996652),
+        (20, 2, 0.996652, 0.986632),
+        (20, 16, 0.336403, 0.258287),
+        (20, 17, 0.258287, 0.178441),
+        (20, 19, 0.097400, 0.015707),
+        (50, 2, 0.999496, 0.997986),
+        (50, 40, 0.326949, 0.296797),
+        (50, 49, 0.047427, 0.015707),
     ],
 )
 def test_v2_lr_factor(K, e, released, nominal):
@@ -112,8 +126,9 @@ def test_v5_boundary_radii():
     ],
 )
 def test_v5_generator(mode, space, kept):
-    out = generate_outliers(V5_X, 2, mode=mode, k=2, select=2, sigma=0.5, num_per_class=1, score_space=space,
-                            noise=V5_Z)
+    out = generate_outliers(
+        V5_X, 2, mode=mode, k=2, select=2, sigma=0.5, num_per_class=1, score_space=space, noise=V5_Z
+    )
     assert _multiset(out) == _multiset(T(kept))
 
 
@@ -123,9 +138,11 @@ def test_v5_scores():
     assert kth_sq_distance(official, U, 2).tolist() == pytest.approx([0.355573, 0.102633, 2.5], abs=1e-6)
     cand = (V5_X[[0, 5]][:, None] + 0.5 * V5_Z[None]).reshape(-1, 2)
     assert kth_sq_distance(F.normalize(cand, dim=1), U, 2).tolist() == pytest.approx(
-        [0.211146, 0.020101, 0.421296, 0.038839, 0.076952, 0.4], abs=1e-6)
-    assert kth_sq_distance(cand, U, 2).tolist() == pytest.approx([6.989010, 4.739010, 3.475078, 2.5, 7.25, 3.25],
-                                                                  abs=1e-6)
+        [0.211146, 0.020101, 0.421296, 0.038839, 0.076952, 0.4], abs=1e-6
+    )
+    assert kth_sq_distance(cand, U, 2).tolist() == pytest.approx(
+        [6.989010, 4.739010, 3.475078, 2.5, 7.25, 3.25], abs=1e-6
+    )
 
 
 @pytest.mark.parametrize("m, rows, distinct", [(10, 400, 8), (20, 800, 16)])
@@ -179,8 +196,8 @@ def test_v7_prefix_geometry_and_math():
     q, k, v = qkv[0], qkv[1], qkv[2]
     heads = []
     for h in range(2):
-        kk = torch.cat([P[:20, h * 8:(h + 1) * 8].expand(3, -1, -1), k[:, h]], 1)
-        vv = torch.cat([P[20:, h * 8:(h + 1) * 8].expand(3, -1, -1), v[:, h]], 1)
+        kk = torch.cat([P[:20, h * 8 : (h + 1) * 8].expand(3, -1, -1), k[:, h]], 1)
+        vv = torch.cat([P[20:, h * 8 : (h + 1) * 8].expand(3, -1, -1), v[:, h]], 1)
         heads.append(torch.softmax(q[:, h] @ kk.transpose(1, 2) / math.sqrt(8), -1) @ vv)
     ref = attn.proj(torch.cat(heads, -1))
     assert torch.allclose(out, ref, atol=1e-5)
@@ -201,10 +218,16 @@ def test_v7_prefix_geometry_and_math():
 BACKBONE = {"name": "vit", "img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 5, "num_heads": 2}
 
 
-def _ctx(seed=0):
-    return RunContext(device=torch.device("cpu"), seed=seed,
-                      scenario={"kind": "cil", "num_classes": 4, "input_shape": (1, 8, 8), "num_sessions": 2},
-                      backbone=BACKBONE, base=TrainConfig(), progress=False)
+def _ctx(seed=0, log_scalar=None):
+    return RunContext(
+        device=torch.device("cpu"),
+        seed=seed,
+        scenario={"kind": "cil", "num_classes": 4, "input_shape": (1, 8, 8), "num_sessions": 2},
+        backbone=BACKBONE,
+        base=TrainConfig(),
+        progress=False,
+        log_scalar=log_scalar,
+    )
 
 
 def _session(t, n_per_class=30):
@@ -221,12 +244,19 @@ def _snap(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _strategy(**kw):
-    params = {"epochs_regular": 2, "epochs_vor": 1, "knn_k": 10, "select": 10, "sample_from": 50,
-              "num_per_class": 20, "batch_size": 16}
+def _strategy(log_scalar=None, **kw):
+    params = {
+        "epochs_regular": 2,
+        "epochs_vor": 1,
+        "knn_k": 10,
+        "select": 10,
+        "sample_from": 50,
+        "num_per_class": 20,
+        "batch_size": 16,
+    }
     params.update(kw)
     s = OVOR(**params)
-    ctx = _ctx()
+    ctx = _ctx(log_scalar=log_scalar)
     s.setup(ctx)
     return s, ctx
 
@@ -287,3 +317,147 @@ def test_oneprompt_has_no_vor_phase():
     ctx.start_session(0)
     s.learn(_session(0))
     assert s.diagnostics == [] and s.num_seen == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# §9 — pilot-calibrated thresholds
+# --------------------------------------------------------------------------------------------------
+LN2 = math.log(2.0)
+
+
+def test_pilot_thresholds_are_the_medians():
+    # E([x, x]) = −x − ln 2; ID energies −10, −12, −14 (− ln 2): median −12 − ln 2 (odd count);
+    # OOD energies 0, −1, −2, −3 (− ln 2): median −1.5 − ln 2 (even count: mean of the middle two)
+    z_id = T([[14.0, 14.0], [10.0, 10.0], [12.0, 12.0]])
+    z_ood = T([[3.0, 3.0], [0.0, 0.0], [2.0, 2.0], [1.0, 1.0]])
+    tau_id, tau_ood = pilot_thresholds(z_id, z_ood)
+    assert tau_id == pytest.approx(-12.0 - LN2, abs=1e-9)
+    assert tau_ood == pytest.approx(-1.5 - LN2, abs=1e-9)
+    # at the medians, half the hinges of each kind are active (strictly above / below)
+    a_id, a_ood = hinge_activity(z_id, z_ood, tau_id, tau_ood)
+    assert float(a_id) == pytest.approx(1 / 3) and float(a_ood) == pytest.approx(0.5)
+
+
+def test_pilot_thresholds_enforce_the_gap():
+    # medians −2 and −1.5 (0.5 apart): τ_id stays at its median, τ_ood is raised to τ_id + 1 = −1
+    z_id = T([[1.0 - LN2, 1.0 - LN2], [2.0 - LN2, 2.0 - LN2], [3.0 - LN2, 3.0 - LN2]])
+    z_ood = T([[1.5 - LN2, 1.5 - LN2]])
+    assert pilot_thresholds(z_id, z_ood) == pytest.approx((-2.0, -1.0), abs=1e-6)
+    # OOD median below the ID median: still τ_id + 1
+    assert pilot_thresholds(z_id, T([[5.0 - LN2, 5.0 - LN2]])) == pytest.approx((-2.0, -1.0), abs=1e-6)
+    # a gap already ≥ 1 is kept as measured
+    assert pilot_thresholds(z_id, T([[-4.0 - LN2, -4.0 - LN2]])) == pytest.approx((-2.0, 4.0), abs=1e-6)
+    with pytest.raises(ValueError, match="needs ID and OOD logits"):
+        pilot_thresholds(z_id, z_id[:0])
+
+
+@pytest.mark.parametrize("mode", ["official", "npos"])
+def test_pilot_calibrates_on_task0_after_the_regular_epochs(mode):
+    logged = []
+    a, ctx_a = _strategy(thresholds="pilot", outlier_mode=mode, log_scalar=lambda *r: logged.append(r))
+    assert a.tau is None
+    ctx_a.start_session(0)
+    a.learn(_session(0))
+    # reference: the same model after the same 2 regular epochs (VOR off; released lag: both at lr0),
+    # then E over the task-0 train-transform features and over the outliers drawn from the pilot's generator
+    b, ctx_b = _strategy(outlier_mode=mode, epochs_vor=0)
+    ctx_b.start_session(0)
+    b.learn(_session(0))
+    assert all(torch.equal(v, b.encoder.prompt.state_dict()[k]) for k, v in a.encoder.prompt.state_dict().items())
+    gen = torch.Generator().manual_seed(ctx_b.derive_seed("ovor", "pilot"))
+    feats, _ = b._task_features(_session(0).labeled, gen)
+    outliers = b._outliers(feats, 2, gen)
+    with torch.no_grad():
+        e_id = energy(b._logits(feats, 0, 2)).double().numpy()
+        e_ood = energy(b._logits(outliers, 0, 2)).double().numpy()
+    import numpy as np
+
+    tau_id = float(np.median(e_id))
+    tau_ood = max(float(np.median(e_ood)), tau_id + 1.0)
+    assert a.tau == pytest.approx((tau_id, tau_ood), abs=1e-5)
+    assert a.pilot["num_id"] == 60 and a.pilot["num_ood"] == 40 and a.pilot["outlier_mode"] == mode
+    assert a.pilot["rho"] == pytest.approx(0.1 * 4 / float(feats.norm(dim=1).median()), rel=1e-5)
+    assert a.diagnostics[0]["tau_id"] == a.tau[0] and a.diagnostics[0]["tau_ood"] == a.tau[1]
+    # frozen: task 1 keeps the task-0 thresholds
+    tau0 = a.tau
+    ctx_a.start_session(1)
+    a.learn(_session(1))
+    assert a.tau == tau0 and [d["tau_id"] for d in a.diagnostics] == [tau0[0], tau0[0]]
+    # logged: τ once, and the hinge fractions / ρ / loss once per VOR epoch
+    tags = [tag for tag, _, _ in logged]
+    assert tags.count("train/vor/tau_id") == 1 and tags.count("train/vor/tau_ood") == 1
+    assert tags.count("train/vor/active_id") == 2 and tags.count("train/vor/rho") == 2
+    assert dict((t, v) for t, v, _ in logged)["train/vor/tau_id"] == pytest.approx(tau0[0])
+
+
+def test_pilot_thresholds_activate_the_ood_hinge_that_official_ones_leave_off():
+    official, ctx_o = _strategy()
+    pilot, ctx_p = _strategy(thresholds="pilot")
+    for s, ctx in ((official, ctx_o), (pilot, ctx_p)):
+        ctx.start_session(0)
+        s.learn(_session(0))
+    d_off, d_pil = official.diagnostics[0], pilot.diagnostics[0]
+    assert official.tau == (-15.0, -3.0) and d_off["tau_id"] == -15.0
+    # official τ_ood = −3: outlier logsumexp is far below 3 at this scale, so the OOD hinge never fires
+    assert d_off["active_ood"] == 0.0
+    # pilot: τ at the medians, so both hinges fire and the VOR loss is non-zero
+    assert 0.0 < d_pil["active_id"] < 1.0 and 0.0 < d_pil["active_ood"] <= 1.0
+    assert d_pil["vor_loss"] > 0.0
+    assert not torch.equal(official.head.weight, pilot.head.weight)
+
+
+def test_pilot_thresholds_survive_the_state_dict():
+    a, ctx_a = _strategy(thresholds="pilot")
+    ctx_a.start_session(0)
+    a.learn(_session(0))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)  # the runner's checkpoint path (loaded with weights_only=True)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    c, ctx_c = _strategy(thresholds="pilot")
+    c.load_state_dict(state)
+    assert c.tau == a.tau and c.pilot == a.pilot and c.diagnostics == a.diagnostics
+    # resuming at task 1 reproduces the uninterrupted run (no re-calibration on task 1)
+    for s, ctx in ((a, ctx_a), (c, ctx_c)):
+        ctx.start_session(1)
+        s.learn(_session(1))
+    assert c.tau == a.tau
+    assert torch.equal(c.head.weight, a.head.weight) and torch.equal(c.head.bias, a.head.bias)
+    assert c.diagnostics == a.diagnostics
+    # without the state, a fresh pilot strategy would calibrate on whatever task it sees first
+    d, ctx_d = _strategy(thresholds="pilot")
+    ctx_d.start_session(1)
+    d.learn(_session(1))
+    assert d.tau != a.tau
+
+
+def test_separate_pilot_without_regular_epochs():
+    s, ctx = _strategy(thresholds="pilot", epochs_regular=0, epochs_vor=1, pilot_epochs=2)
+    prompt0 = _snap(s.encoder.prompt)
+    ctx.start_session(0)
+    s.learn(_session(0))
+    assert s.pilot["separate_epochs"] == 2 and s.tau is not None
+    # the pilot trained a throw-away copy: the prompts are back to their initial values (VOR leaves them alone)
+    assert all(torch.equal(v, prompt0[k]) for k, v in s.encoder.prompt.state_dict().items())
+    assert all(p.grad is None for p in s.encoder.prompt.parameters())
+    # and the thresholds come from the pilot-trained model, not the untrained one
+    u, ctx_u = _strategy(thresholds="pilot", epochs_regular=0, epochs_vor=1, pilot_epochs=1)
+    ctx_u.start_session(0)
+    u.learn(_session(0))
+    assert u.tau != s.tau
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"thresholds": "calibrated"}, r"thresholds: must be 'fixed' or 'pilot', got 'calibrated'"),
+        ({"thres_id": "pilot"}, r"thres_id: must be a finite number with thresholds: fixed, got 'pilot'"),
+        ({"thres_ood": float("nan")}, r"thres_ood: must be a finite number"),
+        ({"thresholds": "pilot", "pilot_epochs": 0}, r"pilot_epochs: must be an integer >= 1, got 0"),
+    ],
+)
+def test_threshold_settings_are_validated(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _strategy(**kw)
+    if set(kw) <= {"thres_id", "thres_ood"}:
+        _strategy(thresholds="pilot", **kw)  # ignored with pilot thresholds

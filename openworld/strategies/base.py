@@ -382,6 +382,15 @@ class RunContext:
             v = float(value.detach()) if isinstance(value, Tensor) else float(value)
             self._log_scalar(f"train/{name}", v, self.global_step)
 
+    def log_scalars(self, values: dict[str, Tensor | float]) -> None:
+        """Write ``train/<name>`` now, at the current step, without counting a step: for per-epoch or
+        per-task diagnostics that :meth:`log_train`'s every-``log_every``-steps sampling would drop."""
+        if self._log_scalar is None:
+            return
+        for name, value in values.items():
+            v = float(value.detach()) if isinstance(value, Tensor) else float(value)
+            self._log_scalar(f"train/{name}", v, self.global_step)
+
     def progress_bar(self, iterable=None, **kwargs):
         from tqdm.auto import tqdm
 

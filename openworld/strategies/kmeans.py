@@ -208,9 +208,7 @@ def record_k_hat(strategy: Strategy, num_clusters: int, num_old: int) -> None:
     ``log_every`` steps). ``k_hat`` is the total K̂ on gcd and the novel-cluster count K̂_u on ncd."""
     kind = strategy.ctx.scenario.get("kind")
     strategy.k_hat = int(num_clusters) - (int(num_old) if kind == "ncd" else 0)
-    log = getattr(strategy.ctx, "_log_scalar", None)
-    if log is not None:
-        log("train/k_hat", float(strategy.k_hat), strategy.ctx.global_step)
+    strategy.ctx.log_scalars({"k_hat": strategy.k_hat})
 
 
 def run_info(strategy: Strategy) -> dict:
