@@ -535,7 +535,10 @@ class Runner:
             for head, logits in heads.items():
                 logits = self._restrict(logits.float(), allowed, num_classes)
                 if head == "default":
-                    engine.observe(logits, yb, pred.unknown_score)
+                    if pred.selected is not None and getattr(engine, "scores_selection", False):
+                        engine.observe(logits, yb, pred.unknown_score, selected=pred.selected)
+                    else:
+                        engine.observe(logits, yb, pred.unknown_score)
                 else:
                     if head not in alt_engines:
                         alt_engines[head] = self._engine(eval_set, num_classes)

@@ -73,6 +73,11 @@ def test_digits_gcd_end_to_end(tmp_path):
             m = _metrics(res, eval_set)
             for key in ("all_v2", "old_v2", "new_v2", "all_v2b", "old_v1", "nmi", "ari"):
                 assert m[key] is not None and 0 <= m[key] <= 100 and math.isfinite(m[key]), (name, key)
+    # LegoGCD's LER selection is counted against ground truth by the evaluator (labels never reach it)
+    lego = _metrics(runs["legogcd/0"], "unlabelled")
+    assert 0 <= lego["sel_rate"] <= 100 and "sel_rate" not in _metrics(runs["simgcd/0"], "unlabelled")
+    if lego["sel_rate"] > 0:
+        assert 0 <= lego["sel_correct"] <= lego["sel_old"] <= 100
     sim, km = _metrics(runs["simgcd/0"], "test"), _metrics(runs["kmeans/0"], "test")
     assert sim["old_v2"] > km["old_v2"] + 8, (sim, km)
     assert runs["simgcd/0"]["summary"]["unlabelled/all_v2"] == _metrics(runs["simgcd/0"], "unlabelled")["all_v2"]

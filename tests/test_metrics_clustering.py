@@ -275,3 +275,21 @@ def test_head_classification_engine():
     assert eng.confusion().tolist() == [[1, 0], [1, 1]]
     with pytest.raises(ValueError, match="head"):
         create_engine("head_classification", num_classes=5, head=[0, 6])
+
+
+def test_selection_diagnostics_count_against_ground_truth():
+    from openworld.metrics.clustering import ClusteringEngine
+
+    eng = ClusteringEngine(num_classes=4, old_classes=[0, 1])
+    logits = torch.eye(4)[torch.tensor([0, 1, 1, 2, 0, 3])]  # predictions 0, 1, 1, 2, 0, 3
+    y = torch.tensor([0, 0, 1, 2, 3, -1])  # the last row has no label: not counted
+    sel = torch.tensor([True, True, True, False, True, True])
+    eng.observe(logits[:3], y[:3], selected=sel[:3])
+    eng.observe(logits[3:], y[3:], selected=sel[3:])
+    m = eng.compute()
+    # 5 labelled rows; selected among them: rows 0, 1, 2, 4 -> 4/5; truly old: rows 0, 1, 2 -> 3/4;
+    # predicted == true: rows 0 and 2 -> 2/4
+    assert (m["sel_rate"], m["sel_old"], m["sel_correct"]) == (0.8, 0.75, 0.5)
+    plain = ClusteringEngine(num_classes=4, old_classes=[0, 1])
+    plain.observe(logits, y)
+    assert "sel_rate" not in plain.compute()

@@ -331,9 +331,17 @@ class ClusteringEngine:
         use_assignment: a :class:`SharedAssignment` whose assignment replaces the fresh Hungarian
             (``inductive_mapping: from_transductive``); NMI/ARI need no assignment and are unchanged.
 
+    Selection diagnostics: when :meth:`observe` gets a ``selected`` mask (a strategy's pseudo-label
+    rule, e.g. LegoGCD's LER selection on inputs treated as unlabelled), :meth:`compute` adds
+    ``sel_rate`` (selected / labelled-valid samples), ``sel_old`` (selected samples whose true class is
+    old: the released code's "true selections") and ``sel_correct`` (selected samples whose predicted
+    class equals the true class). Labels stay in the evaluator (card pitfall 1).
+
     Keys are the ``specs/metrics.md`` §10 names. ``confusion()``/``per_class()`` return ``None``
     (clusters are not classes); :meth:`counts` gives the raw ``[K_true, K_pred]`` matrix.
     """
+
+    scores_selection = True  # observe() takes a strategy's `selected` mask (runner contract)
 
     def __init__(
         self,
@@ -370,6 +378,7 @@ class ClusteringEngine:
         self.use_assignment = use_assignment
         self.num_clusters: int | None = None
         self._buf: torch.Tensor | None = None
+        self._sel: torch.Tensor | None = None  # [valid, selected, selected ∧ old, selected ∧ correct]
         if num_clusters is not None:
             self._allocate(int(num_clusters))
 
@@ -393,8 +402,15 @@ class ClusteringEngine:
         idx = torch.where(yv, y.clamp(0, k - 1) * (kp + 1) + pc, k * (kp + 1))
         self._buf.scatter_add_(0, idx, torch.ones_like(idx))
 
-    def observe(self, logits: torch.Tensor, targets, unknown_score: torch.Tensor | None = None) -> None:
-        """Cluster id = ``argmax`` of ``logits`` [B, K_pred] (or 1-D integer ids given directly)."""
+    def observe(
+        self,
+        logits: torch.Tensor,
+        targets,
+        unknown_score: torch.Tensor | None = None,
+        selected: torch.Tensor | None = None,
+    ) -> None:
+        """Cluster id = ``argmax`` of ``logits`` [B, K_pred] (or 1-D integer ids given directly);
+        ``selected``: optional [B] bool mask counted by the selection diagnostics."""
         if logits.dim() == 1 and not logits.is_floating_point():
             preds = logits
         else:
@@ -410,6 +426,22 @@ class ClusteringEngine:
         if self._buf is None:
             raise RuntimeError("ClusteringEngine: num_clusters unknown for integer predictions; pass num_clusters")
         self.update(preds, targets)
+        if selected is not None:
+            self._count_selected(preds, targets, selected)
+
+    def _count_selected(self, preds: torch.Tensor, targets, selected: torch.Tensor) -> None:
+        y = torch.as_tensor(targets, device=self.device).reshape(-1).long()
+        sel = torch.as_tensor(selected, device=self.device).reshape(-1).bool()
+        if sel.shape != y.shape:
+            raise ValueError(f"selected mask and targets differ in length: {sel.numel()} vs {y.numel()}")
+        valid = (y >= 0) & (y < self.num_classes)
+        old = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        if self.old_classes:
+            old[list(self.old_classes)] = True
+        is_old = old[y.clamp(0, self.num_classes - 1)] & valid
+        s = sel & valid
+        batch = torch.stack([valid.sum(), s.sum(), (s & is_old).sum(), (s & (preds.reshape(-1) == y)).sum()])
+        self._sel = batch if self._sel is None else self._sel + batch
 
     def counts(self) -> torch.Tensor:
         """``[K_true, K_pred + 1]`` int64 counts on the CPU (last column: cluster ids out of range)."""
@@ -456,7 +488,18 @@ class ClusteringEngine:
         out["acc"] = out["all_v2"]  # the single-Hungarian micro accuracy (UNO/NCD key; = all_v2)
         out["nmi"] = nmi_from_counts(w)
         out["ari"] = ari_from_counts(w)
+        out.update(self._selection_metrics())
         return out
+
+    def _selection_metrics(self) -> dict[str, float]:
+        if self._sel is None:
+            return {}
+        valid, sel, sel_old, sel_correct = (int(v) for v in self._sel.cpu())
+        return {
+            "sel_rate": sel / valid if valid else _NAN,
+            "sel_old": sel_old / sel if sel else _NAN,
+            "sel_correct": sel_correct / sel if sel else _NAN,
+        }
 
     def confusion(self):
         return None

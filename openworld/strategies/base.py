@@ -38,11 +38,15 @@ class Prediction:
     ``alternatives``: other heads' logits, only for released-code protocols that report the best of
     several heads on the test set (e.g. TEEN's ``session0_report: max``); the runner then reports
     the head with the highest accuracy and records which one it was.
+    ``selected``: a per-sample bool mask of the inputs the strategy's own pseudo-label rule would
+    select (e.g. LegoGCD's LER mask); the evaluator, which holds the labels, counts how many of them
+    are right (diagnostics only).
     """
 
     logits: Tensor
     unknown_score: Tensor | None = None
     alternatives: dict[str, Tensor] | None = None
+    selected: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from openworld.registry import register_strategy
+from openworld.strategies.base import Prediction
 from openworld.strategies.simgcd import SimGCD
 
 DKL_MODES = ("as_released", "as_paper", "off")
@@ -213,6 +214,17 @@ class LegoGCD(SimGCD):
     def learn(self, session) -> None:
         self._num_old = int(session.info.get("num_old", len(session.classes.known)))
         super().learn(session)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Prediction:
+        """SimGCD's prediction plus the LER selection the inputs would get as unlabelled rows (one view,
+        test transform), so the evaluator can count true/false selections against ground truth (the
+        released code's counters; card §2.4, pitfall 1) without the strategy seeing a label."""
+        pred = super().predict(x)
+        rows = torch.ones(len(pred.logits), dtype=torch.bool, device=pred.logits.device)
+        mask = "per_view"  # one view here: `both_views` needs the pair of training views
+        selected = ler_selection(pred.logits, rows, self._num_old, self.ler_delta, self.ler_conf_temp, mask)
+        return Prediction(logits=pred.logits, selected=selected)
 
     def state_dict(self) -> dict:
         return {
