@@ -8,6 +8,7 @@ targets of -1 by construction (see :meth:`openworld.data.views.TensorData.hide_l
 from __future__ import annotations
 
 import hashlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -117,6 +118,21 @@ class Scenario(ABC):
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """Class order, split hashes, index source, data fingerprints: written to splits.json."""
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor parameters by name (scikit-learn style; lists and dicts copied): what a run
+        records and fingerprints. A subclass that stores a parameter under another name overrides this."""
+        params = {}
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name == "self":
+                continue
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = dict(value)
+            elif isinstance(value, (list, tuple)):
+                value = list(value)
+            params[name] = value
+        return params
 
     def session(self, index: int) -> Session:
         for s in self.sessions():

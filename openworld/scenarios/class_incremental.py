@@ -136,18 +136,6 @@ class ClassIncrementalScenario(Scenario):
         self._views_cache = None
         self._input_shape: tuple[int, ...] | None = None
 
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "data": dict(self.data),
-            "num_tasks": self.num_tasks,
-            "first_task_classes": self.first_task_classes,
-            "class_order": self.class_order,
-            "train_per_class": self.train_per_class,
-            "test_per_class": self.test_per_class,
-            "split_seed": self.split_seed,
-            "task_aware": self.task_aware,
-            "seed": self.seed,
-        }
 
     def _validate_params(self) -> None:
         if not isinstance(self.data, dict) or not self.data.get("source"):

@@ -171,22 +171,6 @@ class _DiscoveryScenario(Scenario):
         self._views_cache = None
         self._input_shape: tuple[int, ...] | None = None
 
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "data": dict(self.data),
-            "old_classes": self.old_classes,
-            "new_classes": self.new_classes,
-            "class_split": self.class_split,
-            "p_lab": self.p_lab,
-            "split_seed": self.split_seed,
-            "labelled_val_frac": self.labelled_val_frac,
-            "k_mode": self.k_mode,
-            "variants": self.variants,
-            "inductive_mapping": self.inductive_mapping,
-            "train_subsample": self.train_subsample,
-            "test_subsample": self.test_subsample,
-            "seed": self.seed,
-        }
 
     # -- validation ----------------------------------------------------------------------------------
     def _validate_params(self) -> None:

@@ -380,16 +380,6 @@ class LongTailScenario(Scenario):
         self._plan: _Plan | None = None
 
     # -- parameters ---------------------------------------------------------------------------------
-    def get_params(self) -> dict[str, Any]:
-        return {
-            "data": dict(self.data), "imbalance": self.imbalance, "profile": self.profile, "n_max": self.n_max,
-            "subsample_seed": self.subsample_seed, "val_per_class": self.val_per_class, "val_seed": self.val_seed,
-            "val_source": self.val_source, "noise": self.noise, "noise_rate": self.noise_rate,
-            "noise_seed": self.noise_seed, "noise_sampling": self.noise_sampling,
-            "sym_noise_excludes_true": self.sym_noise_excludes_true, "val_label_noise": self.val_label_noise,
-            "test_distributions": list(self.test_distributions), "shot_groups": self.shot_groups,
-            "shot_thresholds": list(self.shot_thresholds), "rank_fraction": self.rank_fraction, "seed": self.seed,
-        }
 
     def _validate(self) -> None:
         if not isinstance(self.data, dict) or not self.data.get("source"):
