@@ -137,3 +137,17 @@ def test_cli_missing_data_is_one_clear_error(tmp_path, capsys):
     assert err.startswith("openworld: error: omniglot: dataset not found")
     assert "images_background_small1.zip" in err and str(tmp_path / "nowhere") in err and "OPENWORLD_DATA" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_and_constructs(path):
+    """Each shipped recipe passes validation, and its scenario and strategies construct from their
+    parameters (no data is read: paper recipes need data users provide)."""
+    from openworld.registry import SCENARIOS
+
+    recipe = load_recipe(path)
+    scenario = SCENARIOS.get(recipe.scenario.kind)(**recipe.scenario_params())
+    assert scenario.get_params()["data"]["source"] == recipe.scenario.data.source
+    for entry in recipe.strategies:
+        strategy = recipe.strategy_class(entry)(**recipe.strategy_params(entry))
+        assert set(recipe.strategy_params(entry)) <= set(strategy.get_params()), entry

@@ -21,8 +21,19 @@ from openworld.registry import DATASETS
 
 pytestmark = pytest.mark.usefixtures("isolated_cache")
 
-ALL_SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "omniglot", "image_folder",
-               "mini_imagenet", "cub200", "synth_hier")
+ALL_SOURCES = (
+    "digits",
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashion_mnist",
+    "omniglot",
+    "image_folder",
+    "mini_imagenet",
+    "cub200",
+    "imagenet_r",
+    "synth_hier",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,8 +142,12 @@ def test_fashion_mnist_real(shared_data):
     assert torch.bincount(d.train.targets).tolist() == [6000] * 10
     assert torch.bincount(d.test.targets).tolist() == [1000] * 10
     assert d.family == "gray28" and d.train_keys is None
-    assert set(d.info["files"]) == {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                                    "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}
+    assert set(d.info["files"]) == {
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    }
     assert all(len(h) == 64 for h in d.info["files"].values())
     assert d.info["root"] == str(shared_data)
 
@@ -274,8 +289,17 @@ def test_cifar100_missing_names_files_dirs_and_fix(tmp_path):
     with pytest.raises(DataNotFoundError) as exc:
         S.load_cifar100(root=tmp_path)
     assert isinstance(exc.value, FileNotFoundError)
-    assert_names(exc.value, "cifar-100-python", "train", "meta", str(tmp_path), "data.root", "OPENWORLD_DATA",
-                 "download: true", "cifar-100-python.tar.gz")
+    assert_names(
+        exc.value,
+        "cifar-100-python",
+        "train",
+        "meta",
+        str(tmp_path),
+        "data.root",
+        "OPENWORLD_DATA",
+        "download: true",
+        "cifar-100-python.tar.gz",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +322,14 @@ def test_official_idx_files_take_precedence(tmp_path):
 def test_fashion_missing_names_files_dirs_and_fix(tmp_path):
     with pytest.raises(DataNotFoundError) as exc:
         S.load_fashion_mnist(root=tmp_path)
-    assert_names(exc.value, "train-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", str(tmp_path / "fashion-mnist"),
-                 "download: true", "OPENWORLD_DATA")
+    assert_names(
+        exc.value,
+        "train-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        str(tmp_path / "fashion-mnist"),
+        "download: true",
+        "OPENWORLD_DATA",
+    )
 
 
 def test_mnist_missing_mentions_the_10k_subset(tmp_path):
@@ -363,8 +393,13 @@ def test_omniglot_fake_zips_dedup_and_drawer_split(tmp_path):
 def test_omniglot_missing_and_corrupt_zip(tmp_path):
     with pytest.raises(DataNotFoundError) as exc:
         S.load_omniglot(root=tmp_path)
-    assert_names(exc.value, "images_background_small1.zip", "images_background_small2.zip",
-                 str(tmp_path / "omniglot"), "download: true")
+    assert_names(
+        exc.value,
+        "images_background_small1.zip",
+        "images_background_small2.zip",
+        str(tmp_path / "omniglot"),
+        "download: true",
+    )
     d = tmp_path / "omniglot"
     d.mkdir()
     (d / "images_background_small1.zip").write_bytes(b"PK\x03\x04 broken")

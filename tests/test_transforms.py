@@ -178,9 +178,10 @@ def test_imagenet_per_sample(augment, size, expected):
     t = pair.test(img)
     assert a.dtype == torch.float32 and tuple(a.shape) == (3, expected, expected) and torch.equal(a, b)
     assert tuple(t.shape) == (3, expected, expected)
-    torch.testing.assert_close(t[:, expected // 2, expected // 2],
-                               (torch.tensor([200, 30, 60]) / 255 - torch.tensor(T.IMAGENET_MEAN))
-                               / torch.tensor(T.IMAGENET_STD))
+    torch.testing.assert_close(
+        t[:, expected // 2, expected // 2],
+        (torch.tensor([200, 30, 60]) / 255 - torch.tensor(T.IMAGENET_MEAN)) / torch.tensor(T.IMAGENET_STD),
+    )
 
 
 def test_batches_drive_train_transform_with_the_generator():

@@ -4,16 +4,17 @@ Every loader has the signature ``load_<name>(root=None, download=False, **option
 is registered under ``<name>`` (decorator here, entry points in ``pyproject.toml``). ``root`` resolves
 as: the explicit argument → ``$OPENWORLD_DATA`` → ``./data``. Inside a root each loader looks for its
 dataset's usual sub-folders (``cifar-100-python/``, ``cifar10/{train,test}/``, ``cifar10*.tar.gz``,
-``fashion-mnist/*.gz``, ``mnist/…``, ``omniglot/*.zip``, ``miniimagenet/``, ``CUB_200_2011/``), so a root
-that holds several datasets (such as the project's shared data folder) serves all of them.
+``fashion-mnist/*.gz``, ``mnist/…``, ``omniglot/*.zip``, ``miniimagenet/``, ``CUB_200_2011/``,
+``imagenet-r/``), so a root that holds several datasets (such as the project's shared data folder) serves
+all of them.
 
 Missing or corrupt files raise :class:`DataNotFoundError` (a ``FileNotFoundError``) whose message names
 the files looked for, the folders searched and the fix.
 
 Small datasets come back as :class:`~openworld.data.views.TensorData` (uint8 images ``[N, C, H, W]``,
-or float features) with batched transforms; image-file datasets (miniImageNet, CUB-200, generic image
-folders) as :class:`~openworld.data.views.FileData` with per-sample transforms. Image folders that are
-decoded into memory (CIFAR JPEG folders or archives) are cached as ``.npy`` under ``$OPENWORLD_CACHE``
+or float features) with batched transforms; image-file datasets (miniImageNet, CUB-200, ImageNet-R,
+generic image folders) as :class:`~openworld.data.views.FileData` with per-sample transforms. Image
+folders that are decoded into memory (CIFAR JPEG folders or archives) are cached as ``.npy`` under ``$OPENWORLD_CACHE``
 (default ``~/.cache/openworld``), keyed by a hash of the file list, so the second load is fast.
 """
 
@@ -1476,6 +1477,201 @@ def load_cub200(
 
 
 # ----------------------------------------------------------------------------------------------
+# ImageNet-R with CODA-Prompt's fixed 80/20 list split (OVOR card §1)
+# ----------------------------------------------------------------------------------------------
+IMAGENET_R_SPLIT_FILES = (
+    ("imagenet-r_train.yaml", "imagenet-r_test.yaml"),  # the names in CODA-Prompt / OVOR dataloaders/splits/
+    ("imr_train.yaml", "imr_test.yaml"),
+)
+IMAGENET_R_SPLITS_URL = "https://github.com/GT-RIPL/CODA-Prompt/tree/main/dataloaders/splits"
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+
+
+def _read_split_yaml(name: str, path: Path) -> tuple[list[str], list[int]]:
+    """``data`` (image paths) and ``targets`` (int labels) of one CODA-Prompt split file."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    try:
+        with open(path, "rb") as f:
+            cfg = yaml.load(f, Loader=loader)  # noqa: S506 - a safe loader
+    except (OSError, yaml.YAMLError) as exc:
+        raise _corrupt(name, path, f"unreadable YAML ({exc})", f"from {IMAGENET_R_SPLITS_URL}") from exc
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("data"), list) or not isinstance(cfg.get("targets"), list):
+        raise _corrupt(name, path, "expected the keys 'data' (list of image paths) and 'targets' (list of labels)")
+    data, targets = cfg["data"], cfg["targets"]
+    if len(data) != len(targets):
+        raise _corrupt(name, path, f"{len(data)} paths but {len(targets)} targets")
+    try:
+        labels = [int(t) for t in targets]
+    except (TypeError, ValueError) as exc:
+        raise _corrupt(name, path, f"non-integer target ({exc})") from exc
+    rels = []
+    for i, p in enumerate(data):
+        parts = [q for q in str(p).replace("\\", "/").split("/") if q]
+        if len(parts) < 2:
+            raise _corrupt(name, path, f"entry {i} ({p!r}) is not '<...>/<wnid>/<file>'")
+        rels.append(f"{parts[-2]}/{parts[-1]}")
+    return rels, labels
+
+
+def _imagenet_r_split_files(images: Path, root_p: Path, split_dir) -> tuple[list[Path], tuple[Path, Path] | None]:
+    dirs = [Path(split_dir).expanduser().absolute()] if split_dir else []
+    dirs += [images / "splits", root_p / "splits", images]
+    dirs = _unique(dirs)
+    for d in dirs:
+        for tr, te in IMAGENET_R_SPLIT_FILES:
+            if (d / tr).is_file() and (d / te).is_file():
+                return dirs, (d / tr, d / te)
+    return dirs, None
+
+
+@register_dataset("imagenet_r")
+def load_imagenet_r(
+    root=None,
+    download: bool = False,
+    *,
+    split: str = "files",
+    split_dir: str | None = None,
+    split_seed: int = 0,
+    test_fraction: float = 0.2,
+    verify_files: bool = True,
+    augment: str = "ovor",
+    image_size: int | None = None,
+) -> SourceData:
+    """ImageNet-R (200 classes) from the official tar layout ``<root>/imagenet-r/<wnid>/<file>.jpg``.
+
+    ``split: files`` (default, the OVOR/CODA-Prompt protocol): the fixed 80/20 lists
+    ``imagenet-r_train.yaml`` / ``imagenet-r_test.yaml`` (also accepted as ``imr_train.yaml`` /
+    ``imr_test.yaml``) from CODA-Prompt's ``dataloaders/splits/``, looked for in ``split_dir`` (if set),
+    ``<root>/imagenet-r/splits/``, ``<root>/splits/`` and ``<root>/imagenet-r/``. Their ``data`` entries
+    (e.g. ``data/imagenet-r/n01443537/art_0.jpg``) resolve by their last two components under
+    ``<root>/imagenet-r/``; labels are their ``targets``; samples keep the files' order; the files'
+    SHA-256 go to ``info["files"]``. Class names are the wnids (label k's folder).
+
+    ``split: seeded``: no split files; per class, ``round(test_fraction·n_c)`` images of the folder go to
+    the test part by :func:`stratified_carve` (tag ``imagenet_r``, ``split_seed``). **Not the paper's
+    split**: ``info["split"]["paper_split"]`` is false and ``info["description"]`` says so. Labels are the
+    sorted wnid folders' ranks.
+
+    Default transforms: ``imagenet`` family, ``ovor`` (224, [0, 1] inputs). ``train_keys`` / ``test_keys``
+    are ``<wnid>/<file>``.
+    """
+    name = "imagenet_r"
+    if download:
+        raise ValueError(
+            f"{name}: there is no automatic download; extract {IMAGENET_R_URL} into the data root and put "
+            f"CODA-Prompt's split files ({IMAGENET_R_SPLITS_URL}) in <root>/imagenet-r/splits/"
+        )
+    if split not in ("files", "seeded"):
+        raise ValueError(f"{name}: unknown split {split!r}; allowed: files (CODA-Prompt's lists), seeded")
+    root_p, origin = _resolve_root(root)
+    images = root_p / "imagenet-r"
+    if not images.is_dir():
+        raise _not_found(
+            name,
+            ["imagenet-r/<wnid>/<image>.jpg"],
+            [root_p],
+            root_p,
+            origin,
+            f"extracting the official archive ({IMAGENET_R_URL}) there, so that <root>/imagenet-r/n01443537/… "
+            f"exists; there is no automatic download",
+        )
+    if split == "seeded":
+        with os.scandir(images) as it:
+            wnid_dirs = sorted(e.name for e in it if e.is_dir() and e.name != "splits")
+        classes, files = _split_listing(name, images, wnid_dirs, None, IMAGE_EXTENSIONS)
+        present = {f.parent.name for f in files}
+        classes = [c for c in classes if c in present]
+        if not files:
+            raise _not_found(name, ["<wnid>/<image>.jpg"], [images], root_p, origin, "with the official tar layout")
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.asarray([index[f.parent.name] for f in files], dtype=np.int64)
+        te_idx = stratified_carve(labels, test_fraction, name, split_seed)
+        tr_idx, te_idx = _split_by(te_idx, len(labels))
+        rel = [f.relative_to(images).as_posix() for f in files]
+        info = {
+            **_root_info(root_p, origin, images, "image folder, seeded split"),
+            "files": {},
+            "listing_sha256": _listing_digest(images, files),
+            "listing_rule": "sha256 of '<relative path>\\t<size>' lines; image bytes are not hashed",
+            "split": {
+                **_carve_info(labels, te_idx, test_fraction, name, split_seed),
+                "method": "hashed_stratified",
+                "kind": "seeded",
+                "paper_split": False,
+            },
+            "description": (
+                f"ImageNet-R, seeded {1 - test_fraction:.0%}/{test_fraction:.0%} per-class split (seed "
+                f"{split_seed}) — NOT the paper's split (CODA-Prompt's fixed imagenet-r_train/test.yaml lists)"
+            ),
+            "image_shape": None,
+        }
+        return _file_source(
+            name,
+            images,
+            [files[i] for i in tr_idx],
+            labels[tr_idx].tolist(),
+            [files[i] for i in te_idx],
+            labels[te_idx].tolist(),
+            tuple(classes),
+            info,
+            [rel[i] for i in tr_idx],
+            "imagenet",
+            augment,
+            image_size,
+            [rel[i] for i in te_idx],
+        )
+    dirs, found = _imagenet_r_split_files(images, root_p, split_dir)
+    if found is None:
+        looked = [f"{a} + {b}" for a, b in IMAGENET_R_SPLIT_FILES]
+        raise DataNotFoundError(
+            f"{name}: split files not found. Looked for {_fmt_list(looked)} in {_fmt_list(dirs)} (data root "
+            f"{root_p}, from {origin}). To fix it, copy imagenet-r_train.yaml and imagenet-r_test.yaml from the "
+            f"CODA-Prompt repository's dataloaders/splits/ ({IMAGENET_R_SPLITS_URL}; the OVOR code ships the same "
+            f"files) into {images / 'splits'}, or set `split_dir` to the folder that holds them; or set "
+            "`split: seeded` for a seeded 80/20 per-class split of the folder (not the paper's split)."
+        )
+    tr_path, te_path = found
+    tr_rel, y_tr = _read_split_yaml(name, tr_path)
+    te_rel, y_te = _read_split_yaml(name, te_path)
+    wnid_of: dict[int, str] = {}
+    for path, rels, ys in ((tr_path, tr_rel, y_tr), (te_path, te_rel, y_te)):
+        for r, y in zip(rels, ys):
+            w = r.split("/")[0]
+            if wnid_of.setdefault(y, w) != w:
+                raise _corrupt(name, path, f"label {y} is given to two folders ({wnid_of[y]} and {w})")
+    n_classes = max(wnid_of) + 1 if wnid_of else 0
+    if sorted(wnid_of) != list(range(n_classes)) or len(set(wnid_of.values())) != n_classes:
+        raise _corrupt(name, tr_path, f"labels are not 0..{n_classes - 1} with one folder each")
+    if verify_files:
+        _check_files_exist(name, images, tr_rel + te_rel)
+    info = {
+        **_root_info(root_p, origin, images, "image folder + CODA-Prompt split lists"),
+        "files": {tr_path.name: sha256_file(tr_path), te_path.name: sha256_file(te_path)},
+        "split_files": {"train": str(tr_path), "test": str(te_path)},
+        "split": {"kind": "files", "paper_split": True, "source": IMAGENET_R_SPLITS_URL},
+        "description": "ImageNet-R, CODA-Prompt's fixed 80/20 list split (the OVOR paper's split)",
+        "image_shape": None,
+    }
+    return _file_source(
+        name,
+        images,
+        [images / r for r in tr_rel],
+        y_tr,
+        [images / r for r in te_rel],
+        y_te,
+        tuple(wnid_of[k] for k in range(n_classes)),
+        info,
+        tr_rel,
+        "imagenet",
+        augment,
+        image_size,
+        te_rel,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # synth_hier (FSCIL card §9)
 # ----------------------------------------------------------------------------------------------
 def synth_hier_arrays(
@@ -1568,6 +1764,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_image_folder",
+    "load_imagenet_r",
     "load_mini_imagenet",
     "load_mnist",
     "load_omniglot",

@@ -10,6 +10,16 @@ the same augmented batch on CPU and GPU, and no per-sample Python loop is involv
 
 The ``imagenet`` family is per-sample (PIL in, tensor out), applied in DataLoader workers.
 
+``ovor`` (both ``cifar`` and ``imagenet``) is the OVOR/CODA-Prompt recipe (card cil-ovor §1): inputs stay in
+[0, 1] (the code's mean (0,0,0) / std (1,1,1)); train RandomResizedCrop(size) (scale (0.08, 1), ratio
+(3/4, 4/3)) + HFlip; test Resize(size) without a crop for ``cifar`` (32→224), Resize(round(size·256/224))
++ CenterCrop(size) for ``imagenet``. ``size`` = ``image_size`` or 224. The ``cifar`` version runs batched
+on the batch's device: the crop boxes are drawn from the CPU generator like every batched augmentation
+(torchvision's sampling rule, 10 tries then the centre fallback, not its random stream), and each box is
+resized with PyTorch's antialiased bilinear weights, i.e. exactly ``interpolate(crop, size, "bilinear",
+antialias=True)`` = torchvision's resize of a float tensor. Deviation: the released code resizes uint8
+PIL images (PIL's bilinear, then rounding); here the resize is done in float32 on [0, 1] values.
+
 Families and augmentations (``default`` in brackets):
 
 ========== ================================================================ =====================
@@ -19,8 +29,10 @@ digits     [none]                                                           scal
 gray28     [none], crop (random crop, zero padding 2)                       MNIST mean/std
 cifar      none, [crop_flip] (RandomCrop 32 pad 4 + HFlip),                 CIFAR-100 mean/std
            autoaugment_cutout (crop_flip + AutoAugment CIFAR10 + Cutout 16)  (FSCIL card §3)
+           ovor (RandomResizedCrop 224 + HFlip; test Resize 224)              none ([0, 1])
 vector     [none] (identity, cast to float32)                               none
 imagenet   none, [crop_flip], mini, mini_autoaugment, cub                   ImageNet mean/std
+           ovor (RandomResizedCrop 224 + HFlip; test Resize 256 + CenterCrop) none ([0, 1])
 ========== ================================================================ =====================
 
 Deviation (recorded in the pair's name): AutoAugment uses torchvision's policy tables with fill 128
@@ -47,13 +59,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 AUTOAUGMENT_FILL = 128
+OVOR_SIZE = 224  # the OVOR recipe's default output side
+RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+RRC_TRIES = 10
 
 FAMILIES: dict[str, tuple[str, ...]] = {
     "digits": ("none",),
     "gray28": ("none", "crop"),
-    "cifar": ("none", "crop_flip", "autoaugment_cutout"),
+    "cifar": ("none", "crop_flip", "autoaugment_cutout", "ovor"),
     "vector": ("none",),
-    "imagenet": ("none", "crop_flip", "mini", "mini_autoaugment", "cub"),
+    "imagenet": ("none", "crop_flip", "mini", "mini_autoaugment", "cub", "ovor"),
 }
 DEFAULT_AUGMENT: dict[str, str] = {
     "digits": "none",
@@ -100,6 +116,85 @@ def random_hflip(x: Tensor, generator: torch.Generator | None = None, p: float =
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def rrc_params(
+    n: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = RRC_SCALE,
+    ratio: tuple[float, float] = RRC_RATIO,
+    tries: int = RRC_TRIES,
+) -> Tensor:
+    """Crop boxes ``[n, 4]`` (top, left, height, width; int64, CPU) by torchvision's RandomResizedCrop rule.
+
+    Per sample and try: area fraction ~ U(scale), log aspect ratio ~ U(log ratio); w = round(√(area·r)),
+    h = round(√(area/r)); the first try with 0 < w ≤ W and 0 < h ≤ H is kept, its offset uniform over the
+    valid positions. No valid try: the centre crop of the whole image clamped to ``ratio``. A fixed number
+    of numbers is drawn from ``generator`` (4 per try), so the stream does not depend on the image.
+    """
+    area = height * width
+    u = torch.rand(n, tries, 4, generator=generator, dtype=torch.float64)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    r = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = torch.round(torch.sqrt(target * r)).long()
+    h = torch.round(torch.sqrt(target / r)).long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    top = torch.floor(u[..., 2] * (height - h + 1).clamp(min=1)).long()
+    left = torch.floor(u[..., 3] * (width - w + 1).clamp(min=1)).long()
+    first = torch.argmax(ok.int(), dim=1)  # first valid try (0 when none; masked below)
+    rows = torch.arange(n)
+    any_ok = ok.any(dim=1)
+    # fallback: centre crop, aspect ratio clamped to `ratio`
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = height, int(round(height * max(ratio)))
+    else:
+        fw, fh = width, height
+    fb = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.long)
+    picked = torch.stack([top[rows, first], left[rows, first], h[rows, first], w[rows, first]], dim=1)
+    return torch.where(any_ok[:, None], picked, fb[None, :])
+
+
+def _resample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """``[B, out, in]`` weights resizing the window ``[start, start + length)`` of an axis to ``out_size``.
+
+    The weights are PyTorch's antialiased bilinear ones (``interpolate(..., mode="bilinear",
+    align_corners=False, antialias=True)``, which is also plain bilinear with edge clamping when
+    enlarging): triangle filter of support max(scale, 1), centre scale·(i + 0.5), rows normalised.
+    """
+    dev = start.device
+    scale = length.double() / out_size  # [B]
+    support = torch.clamp(scale, min=1.0)
+    inv = 1.0 / support
+    centre = scale[:, None] * (torch.arange(out_size, device=dev, dtype=torch.float64) + 0.5)[None, :]  # [B, out]
+    k = torch.arange(in_size, device=dev, dtype=torch.float64)[None, None, :] - start.double()[:, None, None]
+    w = torch.clamp(1.0 - ((k - centre[:, :, None] + 0.5) * inv[:, None, None]).abs(), min=0.0)
+    w = torch.where((k >= 0) & (k < length.double()[:, None, None]), w, torch.zeros((), dtype=w.dtype, device=dev))
+    return (w / w.sum(dim=-1, keepdim=True)).float()
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: int) -> Tensor:
+    """Per-sample crop ``boxes`` ([B, 4]: top, left, height, width) of a float batch, each resized to
+    ``size × size`` as ``interpolate(crop, size, mode="bilinear", antialias=True)`` does (vectorised: two
+    batched matrix products, no per-sample loop)."""
+    b, _, h, w = x.shape
+    boxes = boxes.to(x.device)
+    wy = _resample_weights(boxes[:, 0], boxes[:, 2], h, size)  # [B, S, H]
+    wx = _resample_weights(boxes[:, 1], boxes[:, 3], w, size)  # [B, S, W]
+    rows = torch.matmul(wy[:, None], x.float())  # [B, C, S, W]
+    return torch.matmul(rows, wx.transpose(1, 2)[:, None])  # [B, C, S, S]
+
+
+def random_resized_crop(x: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """RandomResizedCrop(size) of a float batch in [0, 1]: boxes from :func:`rrc_params` (CPU generator),
+    then :func:`resized_crop`, clamped to [0, 1] (float rounding of the normalised weights)."""
+    boxes = rrc_params(len(x), int(x.shape[-2]), int(x.shape[-1]), generator)
+    return resized_crop(x, boxes, size).clamp_(0.0, 1.0)
+
+
 def cutout(x: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
     """One square hole of side ``size`` per image, centred uniformly, clipped at the border; set to 0."""
     b, _, h, w = x.shape
@@ -135,18 +230,22 @@ def _apply_op(img: Tensor, op: str, magnitude: float, fill: Sequence[float]) -> 
     fill = list(fill)
     if op == "ShearX":
         shear = [math.degrees(math.atan(magnitude)), 0.0]
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest,
-                        fill=fill, center=[0, 0])
+        return F.affine(
+            img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=fill, center=[0, 0]
+        )
     if op == "ShearY":
         shear = [0.0, math.degrees(math.atan(magnitude))]
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest,
-                        fill=fill, center=[0, 0])
+        return F.affine(
+            img, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, fill=fill, center=[0, 0]
+        )
     if op == "TranslateX":
-        return F.affine(img, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0],
-                        interpolation=nearest, fill=fill)
+        return F.affine(
+            img, angle=0.0, translate=[int(magnitude), 0], scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=fill
+        )
     if op == "TranslateY":
-        return F.affine(img, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0],
-                        interpolation=nearest, fill=fill)
+        return F.affine(
+            img, angle=0.0, translate=[0, int(magnitude)], scale=1.0, shear=[0.0, 0.0], interpolation=nearest, fill=fill
+        )
     if op == "Rotate":
         return F.rotate(img, angle=magnitude, interpolation=nearest, fill=fill)
     if op == "Brightness":
@@ -226,6 +325,8 @@ class BatchedAutoAugment:
 class BatchTransform:
     """Augment (optional) → float in [0, 1] → cutout (optional) → resize (optional) → normalise.
 
+    ``rrc=True``: after the conversion to float, a RandomResizedCrop to ``size`` (then the flip, if
+    ``flip``) replaces the resize. ``antialias``: of the resize (None: only when shrinking).
     Call as ``t(x)`` or ``t(x, generator=g)``. ``train=False`` instances never draw random numbers.
     """
 
@@ -241,7 +342,11 @@ class BatchTransform:
         cutout: int = 0,
         size: int | None = None,
         image: bool = True,
+        rrc: bool = False,
+        antialias: bool | None = None,
     ):
+        if rrc and size is None:
+            raise ValueError(f"{name}: a RandomResizedCrop needs an output size")
         self.name = name
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)
@@ -251,6 +356,8 @@ class BatchTransform:
         self.cutout = cutout
         self.size = size
         self.image = image
+        self.rrc = rrc
+        self.antialias = antialias
 
     def __repr__(self) -> str:
         return f"BatchTransform({self.name})"
@@ -264,17 +371,22 @@ class BatchTransform:
             raise ValueError(f"{self.name}: expected a batch [B, C, H, W], got shape {tuple(x.shape)}")
         if self.pad:
             x = random_crop(x, self.pad, generator)
-        if self.flip:
+        if self.flip and not self.rrc:
             x = random_hflip(x, generator)
         if self.autoaugment is not None:
             x = self.autoaugment(_to_uint8(x), generator)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        if self.rrc:
+            x = random_resized_crop(x, self.size, generator)
+            if self.flip:
+                x = random_hflip(x, generator)
         if self.cutout:
             x = cutout(x, self.cutout, generator)
-        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
-            shrink = self.size < min(x.shape[-2:])
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                                align_corners=False, antialias=shrink)
+        if not self.rrc and self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            aa = self.size < min(x.shape[-2:]) if self.antialias is None else self.antialias
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=aa
+            )
         if self.mean is not None:
             mean = self.mean.to(x.device)[None, :, None, None]
             std = self.std.to(x.device)[None, :, None, None]
@@ -291,8 +403,9 @@ def _imagenet_pair(augment: str, image_size: int | None) -> tuple[Any, Any]:
     from torchvision.transforms import v2
 
     def finish(ops: list) -> Any:
-        return v2.Compose([*ops, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        return v2.Compose(
+            [*ops, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
 
     if augment in ("mini", "mini_autoaugment"):
         size = image_size or 84
@@ -304,6 +417,12 @@ def _imagenet_pair(augment: str, image_size: int | None) -> tuple[Any, Any]:
             train.append(aa)
         test = [v2.Resize((round(size * 92 / 84), round(size * 92 / 84))), v2.CenterCrop(size)]
         return finish(train), finish(test)
+    if augment == "ovor":  # card cil-ovor §1: [0, 1] inputs (mean 0, std 1)
+        size = image_size or OVOR_SIZE
+        ident = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        train = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *ident]
+        test = [v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size), *ident]
+        return v2.Compose(train), v2.Compose(test)
     if augment == "cub":
         size = image_size or 224
         resize = round(size * 256 / 224)
@@ -333,12 +452,15 @@ def get_transforms(family: str, augment: str = "default", image_size: int | None
             f"unknown augment {augment!r} for transform family {family!r}; allowed: default, {', '.join(allowed)}"
         )
     name = f"{family}/{aug}" + (f"@{image_size}" if image_size else "")
+    if aug == "ovor" and not image_size:
+        name = f"{family}/{aug}@{OVOR_SIZE}"
     if family == "imagenet":
         train, test = _imagenet_pair(aug, image_size)
         return TransformPair(train=train, test=test, batched=False, name=name)
     if family == "vector":
-        return TransformPair(BatchTransform(name=name, image=False), BatchTransform(name=name, image=False),
-                             batched=True, name=name)
+        return TransformPair(
+            BatchTransform(name=name, image=False), BatchTransform(name=name, image=False), batched=True, name=name
+        )
     if family == "digits":
         test = BatchTransform(name=name + ":test", size=image_size)
         return TransformPair(test, test, batched=True, name=name)
@@ -348,6 +470,11 @@ def get_transforms(family: str, augment: str = "default", image_size: int | None
         train = BatchTransform(name=name + ":train", pad=2 if aug == "crop" else 0, **norm)
         return TransformPair(train, test, batched=True, name=name)
     # cifar
+    if aug == "ovor":  # card cil-ovor §1: [0, 1] inputs, RandomResizedCrop + flip / Resize without a crop
+        size = image_size or OVOR_SIZE
+        train = BatchTransform(name=name + ":train", size=size, rrc=True, flip=True)
+        test = BatchTransform(name=name + ":test", size=size, antialias=True)
+        return TransformPair(train, test, batched=True, name=name)
     norm = {"mean": CIFAR100_MEAN, "std": CIFAR100_STD, "size": image_size}
     test = BatchTransform(name=name + ":test", **norm)
     if aug == "none":
@@ -355,8 +482,9 @@ def get_transforms(family: str, augment: str = "default", image_size: int | None
     elif aug == "crop_flip":
         train = BatchTransform(name=name + ":train", pad=4, flip=True, **norm)
     else:
-        train = BatchTransform(name=name + ":train", pad=4, flip=True, autoaugment=BatchedAutoAugment("CIFAR10"),
-                               cutout=16, **norm)
+        train = BatchTransform(
+            name=name + ":train", pad=4, flip=True, autoaugment=BatchedAutoAugment("CIFAR10"), cutout=16, **norm
+        )
     return TransformPair(train, test, batched=True, name=name)
 
 
@@ -369,10 +497,14 @@ __all__ = [
     "IMAGENET_STD",
     "MNIST_MEAN",
     "MNIST_STD",
+    "OVOR_SIZE",
     "BatchTransform",
     "BatchedAutoAugment",
     "cutout",
     "get_transforms",
     "random_crop",
     "random_hflip",
+    "random_resized_crop",
+    "resized_crop",
+    "rrc_params",
 ]
