@@ -26,7 +26,9 @@ HEADLINES = {
     "gcd": ["unlabelled/all_v2", "unlabelled/old_v2", "unlabelled/new_v2", "all_v2", "old_v2", "new_v2"],
     "ncd": ["acc", "nmi", "ari"],
     "long_tail": ["uniform/acc", "uniform/many", "uniform/medium", "uniform/few", "forward50/acc", "backward50/acc"],
-    "open_set": ["target/hos", "target/os_star", "target/unk", "target/auroc", "target/fpr95", "target/closed_acc"],
+    "open_set": ["target/hos", "target/os_star", "target/unk", "target/auroc", "target/fpr95", "target/closed_acc",
+                 # DA-FSOS (episodic): means over episodes
+                 "episodes/hos", "episodes/os_star", "episodes/unk", "episodes/auroc", "episodes/closed_acc"],
 }
 
 

@@ -47,6 +47,11 @@ HEADLINES = {
     "open_set": ["target/hos", "target/os_star", "target/unk", "target/auroc", "target/fpr95", "target/closed_acc"],
 }
 
+# Episodic scenarios (Scenario.episodic): summary keys of the means over episodes.
+EPISODIC_HEADLINES = {
+    "open_set": ["episodes/hos", "episodes/os_star", "episodes/unk", "episodes/auroc", "episodes/closed_acc"],
+}
+
 
 @dataclass
 class RunResult:
@@ -194,7 +199,7 @@ class Runner:
         if self.main and self.tensorboard:
             write_custom_scalars_layout(self.out, results)
         self.say("")
-        self.say(summary_table(results, self.recipe.scenario.kind))
+        self.say(summary_table(results, self.recipe.scenario.kind, episodic=self.scenario(self.seeds[0]).episodic))
         failed = [r for r in results if r.status == "failed"]
         for r in failed:
             self.say(f"FAILED {r.strategy} seed {r.seed}: {r.reason} (details: {r.run_dir / 'error.log'})")
@@ -420,6 +425,8 @@ class Runner:
                 },
                 run_dir / "checkpoints" / f"session_{session.index}.pt",
             )
+            if scenario.episodic and session.index > 0:  # episodes are independent: keep the last one only
+                (run_dir / "checkpoints" / f"session_{session.index - 1}.pt").unlink(missing_ok=True)
             write_json(run_dir / "results.json", record)
             write_metrics_csv(run_dir / "metrics.csv", sessions_out)
             bar.update(1)
@@ -433,7 +440,7 @@ class Runner:
             distributed.barrier()
             return RunResult(entry, seed, "finished", run_dir, {}, [])
 
-        summary = run_summary(sessions_out)
+        summary = episodic_summary(sessions_out) if scenario.episodic else run_summary(sessions_out)
         record.update(status="finished", summary=summary)
         hp = flatten({k: v for k, v in resolved.items() if k not in ("strategies",)})
         hp.update({f"strategy.{k}": v for k, v in strategy.get_params().items()})
@@ -622,6 +629,25 @@ def run_summary(sessions: list[dict]) -> dict:
     return out
 
 
+def episodic_summary(sessions: list[dict]) -> dict:
+    """Run-level values (×100) of an episodic scenario: ``<set>/<metric>`` = the mean over episodes and
+    ``<set>/<metric>_ci95`` = 1.96·std/√E (std with ddof = 0; the DA-FSOS card's interval); episodes
+    without a value are skipped for that metric. ``episodes`` = E."""
+    values: dict[str, list[float]] = {}
+    for s in sessions:
+        for set_name, metrics in s["metrics"].items():
+            for k, v in metrics.items():
+                if "/" not in k and v is not None:
+                    values.setdefault(f"{set_name}/{k}", []).append(float(v))
+    out: dict[str, Any] = {}
+    for key, vals in values.items():
+        v = np.asarray(vals, dtype=np.float64)
+        out[key] = float(v.mean())
+        out[f"{key}_ci95"] = float(1.96 * v.std(ddof=0) / math.sqrt(len(v)))
+    out["episodes"] = len(sessions)
+    return out
+
+
 def _mean_std(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -631,13 +657,17 @@ def _mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(vals):.2f}±{statistics.stdev(vals):.2f}"
 
 
-def summary_table(results: list[RunResult], kind: str) -> str:
-    """Per strategy: mean ± std over seeds of per-session accuracy and the headline metrics."""
+def summary_table(results: list[RunResult], kind: str, episodic: bool = False) -> str:
+    """Per strategy: mean ± std over seeds of per-session accuracy and the headline metrics (episodic
+    scenarios: of the per-run means over episodes, with their 95 % interval when there is one seed)."""
     by_strategy: dict[str, list[RunResult]] = {}
     for r in results:
         by_strategy.setdefault(r.strategy, []).append(r)
     n_sessions = max((len(r.summary.get("acc_per_session", [])) for r in results), default=0)
     heads = HEADLINES.get(kind, ["acc"])
+    if episodic:
+        heads = EPISODIC_HEADLINES.get(kind, heads)
+        n_sessions = 0
     if n_sessions <= 1:
         n_sessions = 0  # single-session scenarios: the headline metrics say it all
     headers = ["strategy", "seeds"] + [f"s{i}" for i in range(n_sessions)] + heads
@@ -657,7 +687,12 @@ def summary_table(results: list[RunResult], kind: str) -> str:
                 )
             )
         for h in heads:
-            row.append(_mean_std([r.summary.get(h) for r in ok]))
+            cell = _mean_std([r.summary.get(h) for r in ok])
+            if episodic and len(ok) == 1 and ok[0].summary.get(f"{h}_ci95") is not None:
+                cell += f"±{ok[0].summary[f'{h}_ci95']:.2f}"
+            row.append(cell)
         rows.append(row)
     title = "Session accuracy (%, test) and summary" if n_sessions else "Summary (%)"
+    if episodic:
+        title = "Means over episodes (%; with one seed, ± the 95 % interval over episodes)"
     return format_table(headers, rows, title=f"{title} — mean±std over seeds")

@@ -102,6 +102,9 @@ class Scenario(ABC):
     """Yields sessions. Subclasses are constructed from keyword parameters only (recipe fields)."""
 
     kind: ClassVar[str]
+    # Episodic scenarios (e.g. DA-FSOS meta-test) make each session an independent episode: the run's
+    # summary is the mean over sessions with a 95 % interval, and only the last checkpoint is kept.
+    episodic: bool = False
 
     @property
     @abstractmethod

@@ -22,8 +22,30 @@ them to u = |K|). Every other class is dropped. The target eval set is declared 
 
 Few-shot variant: ``target_shots: K`` draws K labelled target samples per known class (a |K|-way
 K-shot support, seeded) and adds them to ``labeled``; the target eval set is the remaining queries.
-The episodic DA-FSOS meta-test protocol (card §3.2) is not supported here (``protocol: dafsos``
-raises).
+
+``protocol: dafsos`` — episodic domain-adaptive few-shot open set (card §3.2). The sorted classes
+split into ``meta_train_classes`` (the first n) and meta-test classes (the rest). **Each meta-test
+episode is one session** (E = ``episodes`` sessions): a strategy must see the episode's support to
+predict its queries, and :meth:`Strategy.learn` is the only way the runner hands a strategy data, so
+an episode cannot be one slice of a shared eval set. Episode e draws, with
+``numpy.random.Generator(PCG64(seed + e))``, N = ``n_way`` support classes and M = ``n_unknown``
+other classes from the meta-test classes, then per support class K + Q target images without
+replacement (the first K = ``shots`` are the support, the other Q = ``queries`` are queries), Q target
+images per unknown class, and ``source_support_shots`` source images per support class. Labels are
+**episode-local**: support classes 0…N-1 (in drawn order), unknown classes N…N+M-1. The session:
+
+* ``labeled``: the support (target, plus the optional source shots), labels 0…N-1;
+* ``unlabeled``: the episode's queries (hidden labels); ``validation``: ``None``;
+* ``eval_sets``: ``{"episodes": EvalSet(queries, task="open_set", known 0…N-1, unknown N…N+M-1)}``;
+* ``info``: ``protocol: "dafsos"``, ``episode``, ``source`` (the labelled source of the meta-train
+  classes, labels 0…n-1, a stratified ``val_fraction`` carved off as ``source_validation``),
+  ``target_train`` (labelled target images of the meta-train classes: the few-shot target domain of
+  meta-training, for strategies that meta-train with :func:`meta_train_episode`), ``num_source_classes``
+  and the drawn original class ids.
+
+``num_classes`` = max(N + M, n): one label space holds an episode's ids and the source's. The
+runner scores every episode on its own; the card's aggregate (mean over episodes and
+``1.96·std/√E``) is :func:`episode_summary` over the sessions of ``results.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +64,8 @@ from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash
 from openworld.scenarios.fscil import _jsonable, _labels
 
 PROTOCOLS = ("osda", "dafsos")
+DAFSOS_PARAMS = ("meta_train_classes", "n_way", "n_unknown", "shots", "queries", "episodes", "source_support_shots")
+EPISODE_METRICS = ("closed_acc", "auroc", "os_star", "unk", "hos", "os", "fpr95", "aupr_in", "aupr_out", "oscr")
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
@@ -82,12 +106,161 @@ def _join(a, b):
     if type(a) is not type(b):
         raise ValueError("scenario.target_shots: source and target must both be in-memory or both file-based")
     if isinstance(a, TensorData) and a.x.dtype != b.x.dtype:
+
         def f(x):
             return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
         a = TensorData(f(a.x), a.targets, a.transforms, a.name)
         b = TensorData(f(b.x), b.targets, b.transforms, b.name)
     return concat([a, b])
+
+
+def meta_test_episode(
+    labels: np.ndarray,
+    classes: Sequence[int],
+    *,
+    n_way: int,
+    n_unknown: int,
+    shots: int,
+    queries: int,
+    seed: int,
+    episode: int,
+    source_labels: np.ndarray | None = None,
+    source_shots: int = 0,
+) -> dict[str, np.ndarray]:
+    """One meta-test episode (card §3.2) over target rows labelled ``labels``, drawn from ``classes``
+    with ``numpy.random.Generator(PCG64(seed + episode))``.
+
+    Returns ``known`` / ``unknown`` (original class ids, drawn order), ``support`` / ``query`` (target
+    rows; support ∩ query = ∅), ``support_y`` / ``query_y`` (episode-local labels: known k ↦ k,
+    unknown j ↦ N + j) and ``source_support`` / ``source_support_y`` (``source_shots`` source rows per
+    known class, from ``source_labels``).
+    """
+    rng = np.random.Generator(np.random.PCG64(int(seed) + int(episode)))
+    classes = np.asarray(list(classes), dtype=np.int64)
+    perm = rng.permutation(len(classes))
+    known, unknown = classes[perm[:n_way]], classes[perm[n_way : n_way + n_unknown]]
+    sup, sup_y, qry, qry_y = [], [], [], []
+    for k, c in enumerate(known):
+        rows = np.flatnonzero(labels == c)
+        pick = rows[rng.choice(len(rows), shots + queries, replace=False)]
+        sup.append(pick[:shots])
+        qry.append(pick[shots:])
+        sup_y.append(np.full(shots, k))
+        qry_y.append(np.full(queries, k))
+    for j, c in enumerate(unknown):
+        rows = np.flatnonzero(labels == c)
+        qry.append(rows[rng.choice(len(rows), queries, replace=False)])
+        qry_y.append(np.full(queries, n_way + j))
+    src, src_y = [], []
+    if source_shots:
+        for k, c in enumerate(known):
+            rows = np.flatnonzero(source_labels == c)
+            src.append(rows[rng.choice(len(rows), source_shots, replace=False)])
+            src_y.append(np.full(source_shots, k))
+
+    def cat(parts):
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+    return {
+        "known": known,
+        "unknown": unknown,
+        "support": cat(sup),
+        "support_y": cat(sup_y),
+        "query": cat(qry),
+        "query_y": cat(qry_y),
+        "source_support": cat(src),
+        "source_support_y": cat(src_y),
+    }
+
+
+def meta_train_episode(
+    source_labels: np.ndarray,
+    target_labels: np.ndarray,
+    classes: Sequence[int],
+    *,
+    cs: int,
+    cq: int,
+    ss: int,
+    sd: int,
+    qsk: int,
+    qdk: int,
+    qsu: int,
+    qdu: int,
+    seed: int,
+    episode: int,
+) -> dict[str, np.ndarray]:
+    """One meta-train episode (card §3.1, bugs fixed, §3.2), ``PCG64(seed + episode)``.
+
+    2·CS classes: the first CS give Ss source-support + Qsk source-query images each (``source_support``,
+    ``source_query``), the other CS give Sd target-support + Qdk target-query images each (``target_*``);
+    support and query rows of a class are disjoint. Then exactly CQ source-unknown classes (Qsu source
+    images each) and CQ target-unknown classes (Qdu target images each), drawn from the remaining
+    classes. Labels are episode-local: source-support classes 0…CS-1, target-support classes 0…CS-1
+    (their own label sets, disjoint as classes), unknown queries −1. Original ids in ``*_classes``.
+    """
+    rng = np.random.Generator(np.random.PCG64(int(seed) + int(episode)))
+    classes = np.asarray(list(classes), dtype=np.int64)
+    if len(classes) < 2 * cs + 2 * cq:
+        raise ValueError(f"meta_train_episode: {len(classes)} classes, need 2·CS + 2·CQ = {2 * cs + 2 * cq}")
+    perm = classes[rng.permutation(len(classes))]
+    s_cls, t_cls = perm[:cs], perm[cs : 2 * cs]
+    su_cls, tu_cls = perm[2 * cs : 2 * cs + cq], perm[2 * cs + cq : 2 * cs + 2 * cq]
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "source_support",
+            "source_support_y",
+            "source_query",
+            "source_query_y",
+            "target_support",
+            "target_support_y",
+            "target_query",
+            "target_query_y",
+        )
+    }
+    for dom, lab, cls, n_s, n_q in (
+        ("source", source_labels, s_cls, ss, qsk),
+        ("target", target_labels, t_cls, sd, qdk),
+    ):
+        for k, c in enumerate(cls):
+            rows = np.flatnonzero(lab == c)
+            pick = rows[rng.choice(len(rows), n_s + n_q, replace=False)]
+            out[f"{dom}_support"].append(pick[:n_s])
+            out[f"{dom}_support_y"].append(np.full(n_s, k))
+            out[f"{dom}_query"].append(pick[n_s:])
+            out[f"{dom}_query_y"].append(np.full(n_q, k))
+    for dom, lab, cls, n_q in (("source", source_labels, su_cls, qsu), ("target", target_labels, tu_cls, qdu)):
+        for c in cls:
+            rows = np.flatnonzero(lab == c)
+            out[f"{dom}_query"].append(rows[rng.choice(len(rows), n_q, replace=False)])
+            out[f"{dom}_query_y"].append(np.full(n_q, -1))
+    res = {k: np.concatenate(v).astype(np.int64) for k, v in out.items()}
+    res.update(source_classes=s_cls, target_classes=t_cls, source_unknown_classes=su_cls, target_unknown_classes=tu_cls)
+    return res
+
+
+def episode_summary(
+    sessions: Sequence[dict], eval_set: str = "episodes", metrics: Sequence[str] = EPISODE_METRICS
+) -> dict[str, float]:
+    """Card §3.2 aggregate over episodes: ``<metric>`` = mean over the sessions' ``eval_set`` values and
+    ``<metric>_ci95`` = 1.96·std/√E (std with ddof = 0). ``sessions``: the ``sessions`` list of a
+    ``results.json`` (or any dicts with ``metrics[eval_set][metric]``); episodes lacking a metric are
+    skipped for it."""
+    out: dict[str, float] = {}
+    for name in metrics:
+        vals = [
+            s["metrics"][eval_set][name]
+            for s in sessions
+            if s.get("metrics", {}).get(eval_set, {}).get(name) is not None
+        ]
+        if not vals:
+            continue
+        v = np.asarray(vals, dtype=np.float64)
+        out[name] = float(v.mean())
+        out[f"{name}_ci95"] = float(1.96 * v.std(ddof=0) / np.sqrt(len(v)))
+    out["episodes"] = float(len(sessions))
+    return out
 
 
 @register_scenario("open_set")
@@ -106,8 +279,11 @@ class OpenSetScenario(Scenario):
     val_fraction, split_seed: the stratified source validation split (card §7.1).
     target_shots: K labelled target samples per known class (few-shot variant; 0 = unlabelled).
     transforms: ``source`` (the dataset's own) or ``cifar10`` (CIFAR-10 mean/std, crop+flip, card §7.2).
-    protocol: ``osda`` (``dafsos`` — episodic — is not supported).
-    seed: the run seed (set by the runner): corruption noise and the few-shot support draw.
+    protocol: ``osda`` or ``dafsos`` (episodic; see the module docstring). ``dafsos`` options:
+        ``meta_train_classes`` (n: the first n sorted classes; the rest are meta-test classes), ``n_way``
+        (N), ``n_unknown`` (M), ``shots`` (K), ``queries`` (Q), ``episodes`` (E),
+        ``source_support_shots`` (K_s, default 0). ``known_classes`` / ``unknown_classes`` do not apply.
+    seed: the run seed (set by the runner): corruption noise, the few-shot support draw, the episodes.
     """
 
     kind = "open_set"
@@ -128,6 +304,13 @@ class OpenSetScenario(Scenario):
         target_shots: int = 0,
         transforms: str = "source",
         protocol: str = "osda",
+        meta_train_classes: int | None = None,
+        n_way: int = 5,
+        n_unknown: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        episodes: int = 600,
+        source_support_shots: int = 0,
         seed: int = 0,
     ):
         self.data = dict(data) if data is not None else {"source": "mnist"}
@@ -143,24 +326,62 @@ class OpenSetScenario(Scenario):
         self.target_shots = target_shots
         self.transforms = transforms
         self.protocol = protocol
+        self.meta_train_classes = meta_train_classes
+        self.n_way = n_way
+        self.n_unknown = n_unknown
+        self.shots = shots
+        self.queries = queries
+        self.episodes = episodes
+        self.source_support_shots = source_support_shots
         self.seed = seed
         self._plan: dict | None = None
         self._corrupted: dict = {}
 
     def get_params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in (
-            "data", "known_classes", "unknown_classes", "target", "target_split", "corruptions", "source_per_class",
-            "target_per_class", "val_fraction", "split_seed", "target_shots", "transforms", "protocol", "seed")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "data",
+                "known_classes",
+                "unknown_classes",
+                "target",
+                "target_split",
+                "corruptions",
+                "source_per_class",
+                "target_per_class",
+                "val_fraction",
+                "split_seed",
+                "target_shots",
+                "transforms",
+                "protocol",
+                *(DAFSOS_PARAMS if self.protocol == "dafsos" else ()),
+                "seed",
+            )
+        }
 
     # -- validation ----------------------------------------------------------------------------------
     def _validate(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"scenario.protocol: allowed values are {', '.join(PROTOCOLS)}; got {self.protocol!r}")
         if self.protocol == "dafsos":
-            raise ValueError(
-                "scenario.protocol: 'dafsos' (episodic meta-train/meta-test, card §3.2) is not supported; use "
-                "protocol 'osda' with target_shots: K for a labelled K-shot target support"
-            )
+            if self.corruptions is not None or self.target_shots:
+                raise ValueError(
+                    "scenario.protocol 'dafsos': `corruptions` and `target_shots` do not apply (the "
+                    "target is a second dataset or a domain pair; shots per episode: `shots`)"
+                )
+            if not isinstance(self.meta_train_classes, int) or self.meta_train_classes < 1:
+                raise ValueError(
+                    "scenario.meta_train_classes: protocol 'dafsos' needs the number n of meta-train "
+                    f"classes (the first n sorted classes), got {self.meta_train_classes!r}"
+                )
+            for name in ("n_way", "shots", "queries", "episodes"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or v < 1:
+                    raise ValueError(f"scenario.{name}: a positive integer is required, got {v!r}")
+            for name in ("n_unknown", "source_support_shots"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or v < 0:
+                    raise ValueError(f"scenario.{name}: a non-negative integer is required, got {v!r}")
         if self.target is not None and self.corruptions is not None:
             raise ValueError("scenario: give either `target` (a second dataset) or `corruptions`, not both")
         if self.target_split not in ("all", "train", "test"):
@@ -192,13 +413,23 @@ class OpenSetScenario(Scenario):
             from openworld.data.views import TransformPair
 
             norm = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
-            pair = TransformPair(BatchTransform(name="cifar10/crop_flip:train", pad=4, flip=True, **norm),
-                                 BatchTransform(name="cifar10:test", **norm), batched=True, name="cifar10/crop_flip")
+            pair = TransformPair(
+                BatchTransform(name="cifar10/crop_flip:train", pad=4, flip=True, **norm),
+                BatchTransform(name="cifar10:test", **norm),
+                batched=True,
+                name="cifar10/crop_flip",
+            )
             src = src.with_transforms(pair)
         tgt_src = _load(self.target, "target") if self.target is not None else None
         n_cls = len(src.classes)
-        known = list(range(self.known_classes)) if isinstance(self.known_classes, int) else \
-            [int(c) for c in self.known_classes]
+        if self.protocol == "dafsos":
+            self._plan = self._build_dafsos(src, tgt_src)
+            return self._plan
+        known = (
+            list(range(self.known_classes))
+            if isinstance(self.known_classes, int)
+            else [int(c) for c in self.known_classes]
+        )
         if not known or len(set(known)) != len(known) or min(known) < 0 or max(known) >= n_cls:
             raise ValueError(
                 f"scenario.known_classes: distinct ids in 0…{n_cls - 1} required, got {self.known_classes}"
@@ -208,8 +439,10 @@ class OpenSetScenario(Scenario):
         else:
             unknown = [int(c) for c in self.unknown_classes]
             if set(unknown) & set(known) or (unknown and (min(unknown) < 0 or max(unknown) >= n_cls)):
-                raise ValueError(f"scenario.unknown_classes: ids in 0…{n_cls - 1} disjoint from known_classes, "
-                                 f"got {self.unknown_classes}")
+                raise ValueError(
+                    f"scenario.unknown_classes: ids in 0…{n_cls - 1} disjoint from known_classes, "
+                    f"got {self.unknown_classes}"
+                )
         k = len(known)
         mapping = np.full(n_cls, -1, dtype=np.int64)
         mapping[known] = np.arange(k)
@@ -239,18 +472,161 @@ class OpenSetScenario(Scenario):
             for c in known:
                 r = t_rows[t_labels[t_rows] == c]
                 if len(r) <= self.target_shots:
-                    raise ValueError(f"scenario.target_shots: class {c} has {len(r)} target samples, "
-                                     f"{self.target_shots} shots leave no query")
+                    raise ValueError(
+                        f"scenario.target_shots: class {c} has {len(r)} target samples, "
+                        f"{self.target_shots} shots leave no query"
+                    )
                 picks.append(np.sort(rng.choice(r, self.target_shots, replace=False)))
             support = np.sort(np.concatenate(picks))
             t_rows = np.setdiff1d(t_rows, support)
         names = tuple(str(src.classes[c]) for c in known + unknown)
         self._plan = {
-            "src": src, "tgt_src": tgt_src, "t_data": t_data, "known": known, "unknown": unknown, "k": k,
-            "mapping": torch.as_tensor(mapping), "s_train": s_train, "s_val": s_val, "t_rows": t_rows,
-            "support": support, "domains": domains, "names": names,
+            "src": src,
+            "tgt_src": tgt_src,
+            "t_data": t_data,
+            "known": known,
+            "unknown": unknown,
+            "k": k,
+            "mapping": torch.as_tensor(mapping),
+            "s_train": s_train,
+            "s_val": s_val,
+            "t_rows": t_rows,
+            "support": support,
+            "domains": domains,
+            "names": names,
         }
         return self._plan
+
+    def _build_dafsos(self, src, tgt_src) -> dict:
+        n_cls = len(src.classes)
+        order = sorted(range(n_cls), key=lambda c: str(src.classes[c]))
+        n_train = int(self.meta_train_classes)
+        meta_train, meta_test = order[:n_train], order[n_train:]
+        if len(meta_test) < self.n_way + self.n_unknown:
+            raise ValueError(
+                f"scenario: {len(meta_test)} meta-test classes, n_way + n_unknown = "
+                f"{self.n_way + self.n_unknown} needed"
+            )
+        if tgt_src is not None:
+            if len(tgt_src.classes) != n_cls:
+                raise ValueError(f"scenario.target: {len(tgt_src.classes)} classes, the source has {n_cls}")
+            parts = {"all": [tgt_src.train, tgt_src.test], "train": [tgt_src.train], "test": [tgt_src.test]}
+            t_data = concat([p for p in parts[self.target_split] if len(p)])
+        else:
+            t_data = src.test
+        s_labels, t_labels = _labels(src.train), _labels(t_data)
+        s_rows = first_per_class(s_labels, meta_train, self.source_per_class)
+        s_train, s_val = stratified_split(s_labels, s_rows, float(self.val_fraction), int(self.split_seed))
+        t_train_rows = first_per_class(t_labels, meta_train, self.target_per_class)
+        t_test_rows = first_per_class(t_labels, meta_test, self.target_per_class)
+        t_pool = np.full_like(t_labels, -1)
+        t_pool[t_test_rows] = t_labels[t_test_rows]  # per-class caps apply to the episode pools too
+        need = self.shots + self.queries
+        for c in meta_test:
+            if int((t_pool == c).sum()) < need:
+                raise ValueError(
+                    f"scenario: meta-test class {c} has {int((t_pool == c).sum())} target samples, "
+                    f"shots + queries = {need} needed"
+                )
+        s_pool = np.full_like(s_labels, -1)
+        if self.source_support_shots:
+            s_test_rows = first_per_class(s_labels, meta_test, self.source_per_class)
+            s_pool[s_test_rows] = s_labels[s_test_rows]
+        src_map = np.full(n_cls, -1, dtype=np.int64)
+        src_map[meta_train] = np.arange(n_train)
+        num_classes = max(self.n_way + self.n_unknown, n_train)
+        return {
+            "src": src,
+            "tgt_src": tgt_src,
+            "t_data": t_data,
+            "meta_train": meta_train,
+            "meta_test": meta_test,
+            "s_train": s_train,
+            "s_val": s_val,
+            "t_train_rows": t_train_rows,
+            "t_pool": t_pool,
+            "s_pool": s_pool,
+            "src_map": torch.as_tensor(src_map),
+            "num_classes": num_classes,
+            "n_cls": n_cls,
+            "episodes": {},
+        }
+
+    def episode(self, index: int) -> dict[str, np.ndarray]:
+        """The index arrays of meta-test episode ``index`` (:func:`meta_test_episode`), cached."""
+        plan = self._build()
+        if index not in plan["episodes"]:
+            plan["episodes"][index] = meta_test_episode(
+                plan["t_pool"],
+                plan["meta_test"],
+                n_way=self.n_way,
+                n_unknown=self.n_unknown,
+                shots=self.shots,
+                queries=self.queries,
+                seed=int(self.seed),
+                episode=index,
+                source_labels=plan["s_pool"],
+                source_shots=self.source_support_shots,
+            )
+        return plan["episodes"][index]
+
+    def _episode_session(self, index: int) -> Session:
+        plan = self._build()
+        ep = self.episode(index)
+        n, m = self.n_way, self.n_unknown
+        local = np.full(plan["n_cls"], -1, dtype=np.int64)
+        local[ep["known"]] = np.arange(n)
+        local[ep["unknown"]] = n + np.arange(m)
+        local_t = torch.as_tensor(local)
+        target = plan["t_data"].relabel(local_t)
+        support = target.subset(ep["support"])
+        queries = target.subset(ep["query"])
+        labeled = support
+        if len(ep["source_support"]):
+            labeled = _join(plan["src"].train.relabel(local_t).subset(ep["source_support"]), support)
+        src_train = plan["src"].train.relabel(plan["src_map"])
+        n_train = len(plan["meta_train"])
+        t_train_map = torch.full((plan["n_cls"],), -1, dtype=torch.long)
+        t_train_map[torch.as_tensor(plan["meta_train"])] = torch.arange(n_train)
+        src = plan["src"]
+        names = tuple(str(src.classes[c]) for c in [*ep["known"], *ep["unknown"]])
+        names += tuple(f"unused_{i}" for i in range(len(names), plan["num_classes"]))
+        known = tuple(range(n))
+        counts = np.bincount(labeled.targets.numpy(), minlength=plan["num_classes"])
+        classes = ClassInfo(
+            num_classes=plan["num_classes"],
+            seen=known,
+            new=known,
+            base=(),
+            known=known,
+            train_counts=tuple(int(c) for c in counts),
+            names=names,
+        )
+        info: dict[str, Any] = {
+            "protocol": "dafsos",
+            "episode": index,
+            "domain": f"episode_{index:04d}",
+            "source": src_train.subset(plan["s_train"]),
+            "source_validation": src_train.subset(plan["s_val"]),
+            "target_train": plan["t_data"].relabel(t_train_map).subset(plan["t_train_rows"]),
+            "num_source_classes": n_train,
+            "known_original": [int(c) for c in ep["known"]],
+            "unknown_original": [int(c) for c in ep["unknown"]],
+            "num_support": len(labeled),
+            "num_queries": len(queries),
+        }
+        options = {"known_classes": list(known), "unknown_classes": list(range(n, n + m)), "num_samples": len(queries)}
+        eval_sets = {"episodes": EvalSet(data=queries, classes=(), task="open_set", options=options)}
+        return Session(
+            index=index,
+            name=f"episode_{index:04d}",
+            classes=classes,
+            labeled=labeled,
+            unlabeled=queries,
+            validation=None,
+            eval_sets=eval_sets,
+            info=info,
+        )
 
     # -- target domains ------------------------------------------------------------------------------------
     def _target(self, index: int):
@@ -267,8 +643,9 @@ class OpenSetScenario(Scenario):
                 x = data.x.numpy()
                 nchw = x.shape[1] in (1, 3)
                 out = corrupt(x, name, severity, rng, layout="NCHW" if nchw else "NHWC")
-                self._corrupted[key] = TensorData(torch.from_numpy(out), data.targets, data.transforms,
-                                                  f"{data.name}@{name}:{severity}")
+                self._corrupted[key] = TensorData(
+                    torch.from_numpy(out), data.targets, data.transforms, f"{data.name}@{name}:{severity}"
+                )
             data = self._corrupted[key]
         return data.relabel(plan["mapping"])
 
@@ -278,12 +655,20 @@ class OpenSetScenario(Scenario):
 
     # -- Scenario API ------------------------------------------------------------------------------------
     @property
+    def episodic(self) -> bool:
+        return self.protocol == "dafsos"
+
+    @property
     def num_sessions(self) -> int:
+        if self.protocol == "dafsos":
+            return int(self.episodes)
         return len(self.corruptions) if self.corruptions is not None else 1
 
     @property
     def num_classes(self) -> int:
         plan = self._build()
+        if self.protocol == "dafsos":
+            return plan["num_classes"]
         return plan["k"] + len(plan["unknown"])
 
     @property
@@ -305,14 +690,20 @@ class OpenSetScenario(Scenario):
         plan = self._build()
         if not 0 <= index < self.num_sessions:
             raise IndexError(f"scenario has {self.num_sessions} sessions, asked for {index}")
+        if self.protocol == "dafsos":
+            return self._episode_session(index)
         k, n_unk = plan["k"], len(plan["unknown"])
         src_train = plan["src"].train.relabel(plan["mapping"])
         labeled = src_train.subset(plan["s_train"])
         validation = src_train.subset(plan["s_val"])
         target = self._target(index)
         queries = target.subset(plan["t_rows"])
-        info: dict[str, Any] = {"domain": self.domain_name(index), "num_source": len(labeled),
-                                "num_validation": len(validation), "num_target": len(queries)}
+        info: dict[str, Any] = {
+            "domain": self.domain_name(index),
+            "num_source": len(labeled),
+            "num_validation": len(validation),
+            "num_target": len(queries),
+        }
         if len(plan["support"]):
             shots = target.subset(plan["support"])
             info["target_support"] = shots
@@ -320,37 +711,96 @@ class OpenSetScenario(Scenario):
             labeled = _join(labeled, shots)
         known = tuple(range(k))
         counts = np.bincount(labeled.targets.numpy(), minlength=k + n_unk)
-        classes = ClassInfo(num_classes=k + n_unk, seen=known, new=known if index == 0 else (), base=known,
-                            known=known, train_counts=tuple(int(c) for c in counts), names=plan["names"])
-        options = {"known_classes": list(known), "unknown_classes": list(range(k, k + n_unk)),
-                   "num_samples": len(queries)}
+        classes = ClassInfo(
+            num_classes=k + n_unk,
+            seen=known,
+            new=known if index == 0 else (),
+            base=known,
+            known=known,
+            train_counts=tuple(int(c) for c in counts),
+            names=plan["names"],
+        )
+        options = {
+            "known_classes": list(known),
+            "unknown_classes": list(range(k, k + n_unk)),
+            "num_samples": len(queries),
+        }
         eval_sets = {
             "target": EvalSet(data=queries, classes=(), task="open_set", options=options),
             "source_val": EvalSet(data=validation, classes=known),
         }
-        return Session(index=index, name=self.domain_name(index), classes=classes, labeled=labeled,
-                       unlabeled=queries, validation=validation, eval_sets=eval_sets, info=info)
+        return Session(
+            index=index,
+            name=self.domain_name(index),
+            classes=classes,
+            labeled=labeled,
+            unlabeled=queries,
+            validation=validation,
+            eval_sets=eval_sets,
+            info=info,
+        )
 
     def describe(self) -> dict[str, Any]:
         plan = self._build()
         src = plan["src"]
+        if self.protocol == "dafsos":
+            eps = [self.episode(i) for i in range(self.num_sessions)]
+            return _jsonable(
+                {
+                    "kind": self.kind,
+                    "params": self.get_params(),
+                    "source": {
+                        "name": src.name,
+                        "num_train": len(src.train),
+                        "num_test": len(src.test),
+                        "info": src.info,
+                    },
+                    "target_source": None
+                    if plan["tgt_src"] is None
+                    else {"name": plan["tgt_src"].name, "info": plan["tgt_src"].info},
+                    "meta_train_classes": plan["meta_train"],
+                    "meta_test_classes": plan["meta_test"],
+                    "class_names": [str(c) for c in src.classes],
+                    "num_classes": plan["num_classes"],
+                    "source_train_hash": hash_indices(plan["s_train"]),
+                    "source_val_hash": hash_indices(plan["s_val"]),
+                    "target_train_hash": hash_indices(plan["t_train_rows"]),
+                    "episodes_support_hash": hash_indices(np.concatenate([e["support"] for e in eps])),
+                    "episodes_query_hash": hash_indices(np.concatenate([e["query"] for e in eps])),
+                    "episodes_source_support_hash": hash_indices(np.concatenate([e["source_support"] for e in eps])),
+                    "sizes": {
+                        "source_train": len(plan["s_train"]),
+                        "source_val": len(plan["s_val"]),
+                        "target_train": len(plan["t_train_rows"]),
+                        "episodes": len(eps),
+                        "support": self.n_way * self.shots,
+                        "queries": (self.n_way + self.n_unknown) * self.queries,
+                    },
+                }
+            )
         t_labels = _labels(plan["t_data"])[plan["t_rows"]]
-        return _jsonable({
-            "kind": self.kind,
-            "params": self.get_params(),
-            "source": {"name": src.name, "num_train": len(src.train), "num_test": len(src.test),
-                       "info": src.info},
-            "target_source": None if plan["tgt_src"] is None else {"name": plan["tgt_src"].name,
-                                                                   "info": plan["tgt_src"].info},
-            "known_classes": plan["known"],
-            "unknown_classes": plan["unknown"],
-            "class_names": list(plan["names"]),
-            "domains": [self.domain_name(i) for i in range(self.num_sessions)],
-            "source_train_hash": hash_indices(plan["s_train"]),
-            "source_val_hash": hash_indices(plan["s_val"]),
-            "target_hash": hash_indices(plan["t_rows"]),
-            "target_support_hash": hash_indices(plan["support"]),
-            "sizes": {"source_train": len(plan["s_train"]), "source_val": len(plan["s_val"]),
-                      "target": len(plan["t_rows"]), "target_known": int((np.isin(t_labels, plan["known"])).sum()),
-                      "target_support": len(plan["support"])},
-        })
+        return _jsonable(
+            {
+                "kind": self.kind,
+                "params": self.get_params(),
+                "source": {"name": src.name, "num_train": len(src.train), "num_test": len(src.test), "info": src.info},
+                "target_source": None
+                if plan["tgt_src"] is None
+                else {"name": plan["tgt_src"].name, "info": plan["tgt_src"].info},
+                "known_classes": plan["known"],
+                "unknown_classes": plan["unknown"],
+                "class_names": list(plan["names"]),
+                "domains": [self.domain_name(i) for i in range(self.num_sessions)],
+                "source_train_hash": hash_indices(plan["s_train"]),
+                "source_val_hash": hash_indices(plan["s_val"]),
+                "target_hash": hash_indices(plan["t_rows"]),
+                "target_support_hash": hash_indices(plan["support"]),
+                "sizes": {
+                    "source_train": len(plan["s_train"]),
+                    "source_val": len(plan["s_val"]),
+                    "target": len(plan["t_rows"]),
+                    "target_known": int((np.isin(t_labels, plan["known"])).sum()),
+                    "target_support": len(plan["support"]),
+                },
+            }
+        )

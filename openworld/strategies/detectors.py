@@ -1,4 +1,5 @@
-"""Unknown detectors: ``msp``, ``energy``, ``mahalanobis``, ``ncm_threshold`` (``specs/open-set.md`` §§4–5).
+"""Unknown detectors: ``msp``, ``energy``, ``mahalanobis``, ``mahalanobis_ens``, ``ncm_threshold``
+(``specs/open-set.md`` §§4–5). ``osbp_head`` needs a strategy with a (|K|+1)-way head; none exists.
 
 Each strategy wraps a source-trained classifier and adds a known-ness score s (higher = known):
 
@@ -23,11 +24,32 @@ which the ``open_set`` engine applies by default (``threshold: auto``). The valu
 feature before normalising (source mean for the prototypes, target mean at prediction — the runner
 does not say which domain a batch comes from, so ``source_val`` is scored with the target mean too).
 Source statistics (prototypes, Σ, the source-validation scores for τ) are computed **before** AdaBN.
+
+``head`` (with ``base: null``): ``cosine`` (default) scores the shared base model (bounded logits
+T·cos); ``linear`` trains, once per seed and shared by every detector asking for it, the recipe's
+backbone with an ordinary linear head (bias, unbounded logits — the card §7 reference networks and
+OpenOOD's setting for ``energy``/``ebo``) on the same data with the same ``base:`` block.
+
+DA-FSOS meta-test episodes (``session.info["protocol"] == "dafsos"``, one session per episode, card
+§3.2): the encoder is the source model trained once on ``info["source"]`` (the meta-train classes;
+cosine or linear head as above) and the classifier is the episode's support: logits = T_base·cos(f,
+μ_c) with μ_c the mean of the L2-normalised support features of episode class c (a prototype
+classifier; ``ncm_threshold`` scores max cos, msp/energy score these logits, ``mahalanobis`` uses the
+support means with the tied Σ of the source features). AdaBN runs on the episode's queries before the
+support prototypes are computed (support and queries are both target); Σ is computed before it.
+``recenter`` subtracts the queries' mean feature from support and queries. τ must come from a target
+rule (``target_otsu``, ``target_gmm``, …): the source validation split holds other classes.
+
+Backbone ``osda_cnn`` (the card §7 reference CNN): conv3×3 (no bias) + BN + ReLU + 2×2 max-pool per
+width, then flatten → FC(→``fc``) + BN1d + ReLU (the feature f). ``widths: [32, 64]`` on 28×28 is
+the MNIST network of card §7.1 (FC 3136→128), ``widths: [32, 64, 128]`` on 32×32 the CIFAR one
+(FC 2048→128, §7.2).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -46,11 +68,117 @@ from openworld.metrics.open_set import (
     threshold_ros_mean,
     threshold_source_quantile,
 )
-from openworld.registry import STRATEGIES, register_strategy
-from openworld.strategies.base import Prediction, Strategy, class_means
+from openworld.registry import STRATEGIES, register_backbone, register_strategy
+from openworld.strategies.base import Prediction, Strategy, class_means, stable_hash, train_classifier
 
 THRESHOLD_RULES = ("source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean", "reject_count")
 ALIGNMENTS = ("none", "adabn", "recenter")
+HEADS = ("cosine", "linear")
+
+
+# --------------------------------------------------------------------------------------------------
+# the card §7 reference CNN and the linear-head source model
+# --------------------------------------------------------------------------------------------------
+class OSDACNN(nn.Module):
+    """conv3×3(no bias)+BN+ReLU+maxpool2 per width, flatten, FC(→fc)+BN1d+ReLU; ``out_features = fc``.
+    ``stages`` lists the blocks (and ``fc``) for per-layer features (``mahalanobis_ens``)."""
+
+    def __init__(self, in_channels: int, input_size, widths=(32, 64), fc: int = 128):
+        super().__init__()
+        widths = tuple(int(w) for w in widths)
+        if not widths or min(widths) < 1 or int(fc) < 1:
+            raise ValueError(f"osda_cnn: positive widths and fc required, got widths={widths}, fc={fc}")
+        blocks, c = [], int(in_channels)
+        for w in widths:
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+                )
+            )
+            c = w
+        self.blocks = nn.ModuleList(blocks)
+        h, w_ = int(input_size[-2]), int(input_size[-1])
+        for _ in widths:
+            h, w_ = h // 2, w_ // 2
+        if h < 1 or w_ < 1:
+            raise ValueError(f"osda_cnn: input {tuple(input_size)} is too small for {len(widths)} pooling stages")
+        self.fc = nn.Sequential(nn.Linear(c * h * w_, int(fc)), nn.BatchNorm1d(int(fc)), nn.ReLU(inplace=True))
+        self.out_features = int(fc)
+
+    def stages(self, x: Tensor) -> list[Tensor]:
+        """Outputs of every conv block and of the FC layer (the penultimate feature, last)."""
+        out = []
+        for b in self.blocks:
+            x = b(x)
+            out.append(x)
+        out.append(self.fc(torch.flatten(x, 1)))
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return self.fc(torch.flatten(x, 1))
+
+
+@register_backbone("osda_cnn")
+def osda_cnn(in_channels: int = 1, input_size=(1, 28, 28), widths=(32, 64), fc: int = 128, **_: Any) -> OSDACNN:
+    """The card §7 reference CNN (see the module docstring); defaults: the MNIST network of §7.1."""
+    return OSDACNN(in_channels, input_size, widths, fc)
+
+
+def linear_net(ctx, num_classes: int | None = None) -> nn.Module:
+    """The recipe's backbone with an ordinary linear head (bias) over all scenario classes."""
+    from openworld.models.heads import ClassifierNet, LinearClassifier
+
+    encoder = ctx.create_backbone()
+    return ClassifierNet(encoder, LinearClassifier(encoder.out_features, num_classes or ctx.scenario["num_classes"]))
+
+
+def linear_base_model(ctx, data, validation, num_active: int, tag: str = "base_linear") -> nn.Module:
+    """:meth:`RunContext.base_model` with a linear head: trained once per (splits, backbone, base block,
+    seed, data) with the recipe's ``base:`` block, shared in memory (the run's memo) and on disk."""
+    if ctx.base.selection == "test":
+        validation = ctx.selection_override
+    key = stable_hash(
+        {
+            "what": "classifier_net",
+            "head": "linear",
+            "tag": tag,
+            "scenario": ctx.scenario.get("fingerprint"),
+            "backbone": ctx.backbone_cfg,
+            "base": ctx.base.to_dict(),
+            "seed": ctx.seed,
+            "data": data.fingerprint(),
+            "val": validation.fingerprint() if validation is not None else None,
+            "num_active": num_active,
+        }
+    )
+    memo = getattr(ctx, "_memo", None)
+    if memo is not None and key in memo:
+        model = linear_net(ctx)
+        model.load_state_dict(memo[key])
+        return model.eval()
+    torch.manual_seed(ctx.derive_seed("model", tag))
+    model = linear_net(ctx)
+    cached = ctx.cache.load(key) if ctx.cache is not None else None
+    if cached is not None:
+        model.load_state_dict(cached["state_dict"])
+    else:
+        info = train_classifier(
+            model,
+            data,
+            cfg=ctx.base,
+            ctx=ctx,
+            num_active=num_active,
+            selection_data=None if ctx.base.selection == "last" else validation,
+            generator=torch.Generator().manual_seed(ctx.derive_seed("train", tag)),
+            desc=f"{tag} training",
+        )
+        if ctx.cache is not None:
+            ctx.cache.save(key, {"state_dict": model.state_dict()}, meta={"tag": tag, **info})
+    if memo is not None:
+        memo[key] = copy.deepcopy(model.state_dict())
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,12 +270,14 @@ class DetectorStrategy(Strategy):
         base: str | None = None,
         base_params: dict | None = None,
         temperature: float = 1.0,
-        threshold: Literal["source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean",
-                           "reject_count"] = "source_quantile",
+        threshold: Literal[
+            "source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean", "reject_count"
+        ] = "source_quantile",
         quantile: float = 0.05,
         tau: float | None = None,
         n_r: int | None = None,
         alignment: Literal["none", "adabn", "recenter"] = "none",
+        head: Literal["cosine", "linear"] = "cosine",
     ):
         self.base = base
         self.base_params = dict(base_params) if base_params else {}
@@ -157,15 +287,25 @@ class DetectorStrategy(Strategy):
         self.tau = tau
         self.n_r = n_r
         self.alignment = alignment
+        self.head = head
         self._check_params()
 
     def _check_params(self) -> None:
         if self.threshold not in THRESHOLD_RULES:
-            raise ValueError(f"{type(self).__name__}: threshold must be one of {', '.join(THRESHOLD_RULES)}; "
-                             f"got {self.threshold!r}")
+            raise ValueError(
+                f"{type(self).__name__}: threshold must be one of {', '.join(THRESHOLD_RULES)}; got {self.threshold!r}"
+            )
         if self.alignment not in ALIGNMENTS:
-            raise ValueError(f"{type(self).__name__}: alignment must be one of {', '.join(ALIGNMENTS)}; "
-                             f"got {self.alignment!r}")
+            raise ValueError(
+                f"{type(self).__name__}: alignment must be one of {', '.join(ALIGNMENTS)}; got {self.alignment!r}"
+            )
+        if self.head not in HEADS:
+            raise ValueError(f"{type(self).__name__}: head must be one of {', '.join(HEADS)}; got {self.head!r}")
+        if self.head != "cosine" and self.base is not None:
+            raise ValueError(
+                f"{type(self).__name__}: head {self.head!r} applies to the shared source model "
+                f"(base: null); base {self.base!r} brings its own classifier"
+            )
         if self.threshold == "fixed" and self.tau is None:
             raise ValueError(f"{type(self).__name__}: threshold 'fixed' needs tau")
         if self.threshold == "reject_count" and not self.n_r:
@@ -175,11 +315,15 @@ class DetectorStrategy(Strategy):
         if float(self.temperature) <= 0:
             raise ValueError(f"{type(self).__name__}: temperature must be positive, got {self.temperature}")
         if self.alignment == "recenter" and not isinstance(self, NCMThreshold):
-            raise ValueError(f"{type(self).__name__}: alignment 'recenter' is defined for ncm_threshold only "
-                             "(card §4: re-centred prototypes, max cosine)")
+            raise ValueError(
+                f"{type(self).__name__}: alignment 'recenter' is defined for ncm_threshold only "
+                "(card §4: re-centred prototypes, max cosine)"
+            )
         if self.base is not None and self.base in DETECTORS:
-            raise ValueError(f"{type(self).__name__}: base {self.base!r} is itself a detector; name the classifier "
-                             "strategy to wrap (e.g. teen)")
+            raise ValueError(
+                f"{type(self).__name__}: base {self.base!r} is itself a detector; name the classifier "
+                "strategy to wrap (e.g. teen)"
+            )
 
     def get_params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._param_names()}
@@ -202,6 +346,7 @@ class DetectorStrategy(Strategy):
         self._validation = None
         self._seen_data: list = []
         self.info_: dict[str, Any] = {}
+        self.ep_protos: Tensor | None = None  # DA-FSOS: the episode's support prototypes
 
     def _make_inner(self) -> Strategy:
         cls = STRATEGIES.get(self.base)
@@ -216,11 +361,18 @@ class DetectorStrategy(Strategy):
             mod = getattr(self.inner, attr, None)
             if isinstance(mod, nn.Module):
                 return mod
-        raise ValueError(f"{self.name}: alignment 'adabn' needs the base strategy {self.base!r} to expose its model "
-                         "as `.encoder` or `.net`")
+        raise ValueError(
+            f"{self.name}: alignment 'adabn' needs the base strategy {self.base!r} to expose its model "
+            "as `.encoder` or `.net`"
+        )
 
     # -- model access ---------------------------------------------------------------------------------
     def _logits(self, x: Tensor) -> Tensor:
+        if self.ep_protos is not None:  # DA-FSOS episode: the support prototypes are the classifier
+            f = self._features(x)
+            if self.alignment == "recenter":
+                f = f - self.center
+            return self.ctx.base.temperature * (F.normalize(f, dim=1) @ F.normalize(self.ep_protos, dim=1).T)
         with self.ctx.autocast():
             if self.inner is None:
                 return self.net(x, num_active=self.num_known).float()
@@ -233,13 +385,18 @@ class DetectorStrategy(Strategy):
             try:
                 return self.inner.encode(x).float()
             except NotImplementedError:
-                raise ValueError(f"{self.name}: needs features, but base strategy {self.base!r} has no encode(x)") \
-                    from None
+                raise ValueError(
+                    f"{self.name}: needs features, but base strategy {self.base!r} has no encode(x)"
+                ) from None
 
     @torch.no_grad()
     def _scores_of(self, data) -> Tensor:
-        out = [self._score(xb) for xb, _ in batches(data, self.ctx.eval_batch_size, device=self.ctx.device,
-                                                    num_workers=self.ctx.num_workers)]
+        out = [
+            self._score(xb)
+            for xb, _ in batches(
+                data, self.ctx.eval_batch_size, device=self.ctx.device, num_workers=self.ctx.num_workers
+            )
+        ]
         return torch.cat(out) if out else torch.zeros(0)
 
     @torch.no_grad()
@@ -257,6 +414,12 @@ class DetectorStrategy(Strategy):
     def _score(self, x: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement _score(x) (higher = more known)")
 
+    def _fit_episode_source(self, source, num_source: int) -> None:
+        """DA-FSOS: source statistics (before alignment); Mahalanobis takes its tied Σ here."""
+
+    def _fit_episode_support(self, feats: Tensor, labels: Tensor, n_way: int) -> None:
+        """DA-FSOS: support statistics (after alignment); ``ep_protos`` are set already."""
+
     def _detector_state(self) -> dict:
         return {}
 
@@ -264,15 +427,67 @@ class DetectorStrategy(Strategy):
         pass
 
     # -- learning -------------------------------------------------------------------------------------
+    def _learn_episode(self, session) -> None:
+        """One DA-FSOS meta-test episode (module docstring): source encoder, support prototypes, τ."""
+        if self.base is not None:
+            raise ValueError(
+                f"{self.name}: DA-FSOS episodes use the shared source encoder (base: null); "
+                f"base {self.base!r} is not supported there"
+            )
+        if self.threshold == "source_quantile":
+            raise ValueError(
+                f"{self.name}: threshold 'source_quantile' is undefined in a DA-FSOS episode (the source "
+                "validation split holds other classes); use target_otsu, target_gmm, ros_mean, "
+                "reject_count or fixed"
+            )
+        info = session.info
+        source, source_val, n_src = info["source"], info.get("source_validation"), int(info["num_source_classes"])
+        n_way = len(session.classes.seen)
+        if list(session.classes.seen) != list(range(n_way)):
+            raise ValueError(f"{self.name}: episode classes must be 0..N-1, got {list(session.classes.seen)[:10]}")
+        self.num_known = n_way
+        self.ep_protos = None
+        if self.head == "linear":
+            self.net = linear_base_model(self.ctx, source, source_val, n_src)
+        else:  # a fresh copy each episode (cached training), so the last episode's AdaBN is undone
+            self.net = self.ctx.base_model(session, data=source, validation=source_val, num_active=n_src).eval()
+        self.net_classes = n_src
+        self._fit_episode_source(source, n_src)
+        if self.alignment == "adabn":
+            self.info_["adabn_layers"] = adabn_(
+                self._align_module(), session.unlabeled, self.ctx.device, 256, self.ctx.num_workers
+            )
+        elif self.alignment == "recenter":
+            self.center = self._feature_set(session.unlabeled)[0].mean(0)
+        feats, labels = self._feature_set(session.labeled)
+        centred = feats - self.center if self.alignment == "recenter" else feats
+        self.ep_protos = class_means(F.normalize(centred, dim=1), labels, list(range(n_way)))
+        self._fit_episode_support(feats, labels, n_way)
+        if self.threshold == "fixed":
+            self.tau_ = float(self.tau)
+        else:
+            s_t = self._scores_of(session.unlabeled)
+            rule = {"target_otsu": threshold_otsu, "target_gmm": threshold_gmm, "ros_mean": threshold_ros_mean}
+            self.tau_ = (
+                threshold_reject_count(s_t, self.n_r) if self.threshold == "reject_count" else rule[self.threshold](s_t)
+            )
+
     def learn(self, session) -> None:
+        if session.info.get("protocol") == "dafsos":
+            return self._learn_episode(session)
         seen = list(session.classes.seen)
         if seen != list(range(len(seen))):
             raise ValueError(f"{self.name}: needs seen classes 0..n-1 in order, got {seen[:10]}…")
-        needs_target = self.alignment != "none" or self.threshold.startswith("target") or \
-            self.threshold in ("ros_mean", "reject_count")
+        needs_target = (
+            self.alignment != "none"
+            or self.threshold.startswith("target")
+            or self.threshold in ("ros_mean", "reject_count")
+        )
         if needs_target and (session.unlabeled is None or len(session.unlabeled) == 0):
-            raise ValueError(f"{self.name}: alignment {self.alignment!r} / threshold {self.threshold!r} need the "
-                             "unlabelled target set (session.unlabeled), which this scenario does not provide")
+            raise ValueError(
+                f"{self.name}: alignment {self.alignment!r} / threshold {self.threshold!r} need the "
+                "unlabelled target set (session.unlabeled), which this scenario does not provide"
+            )
         if self._validation is None and session.validation is not None and len(session.validation):
             self._validation = session.validation
         if session.classes.new or not self._seen_data:
@@ -280,11 +495,17 @@ class DetectorStrategy(Strategy):
         self.num_known = len(seen)
         if self.base is None:
             if self.net is not None and self.num_known != self.net_classes:
-                raise ValueError(f"{self.name}: with base: null the classifier is trained once on the first "
-                                 "session; incremental scenarios need a base strategy (e.g. base: teen)")
+                raise ValueError(
+                    f"{self.name}: with base: null the classifier is trained once on the first "
+                    "session; incremental scenarios need a base strategy (e.g. base: teen)"
+                )
             # the cached source model (a fresh copy each session, so an earlier AdaBN is undone)
-            self.net = self.ctx.base_model(session, data=self._seen_data[0], validation=self._validation,
-                                           num_active=self.num_known).eval()
+            if self.head == "linear":
+                self.net = linear_base_model(self.ctx, self._seen_data[0], self._validation, self.num_known)
+            else:
+                self.net = self.ctx.base_model(
+                    session, data=self._seen_data[0], validation=self._validation, num_active=self.num_known
+                ).eval()
             self.net_classes = self.num_known
         else:
             if self.inner is None:
@@ -299,12 +520,14 @@ class DetectorStrategy(Strategy):
         s_val = None
         if self.threshold == "source_quantile":
             if self._validation is None:
-                raise ValueError(f"{self.name}: threshold 'source_quantile' needs a source validation split "
-                                 "(session.validation)")
+                raise ValueError(
+                    f"{self.name}: threshold 'source_quantile' needs a source validation split (session.validation)"
+                )
             s_val = self._scores_of(self._validation)
         if self.alignment == "adabn":
-            self.info_["adabn_layers"] = adabn_(self._align_module(), session.unlabeled, self.ctx.device, 256,
-                                                self.ctx.num_workers)
+            self.info_["adabn_layers"] = adabn_(
+                self._align_module(), session.unlabeled, self.ctx.device, 256, self.ctx.num_workers
+            )
         elif self.alignment == "recenter":
             feats, _ = self._feature_set(session.unlabeled)
             self.center = feats.mean(0)
@@ -315,8 +538,9 @@ class DetectorStrategy(Strategy):
         else:
             s_t = self._scores_of(session.unlabeled)
             rule = {"target_otsu": threshold_otsu, "target_gmm": threshold_gmm, "ros_mean": threshold_ros_mean}
-            self.tau_ = threshold_reject_count(s_t, self.n_r) if self.threshold == "reject_count" else \
-                rule[self.threshold](s_t)
+            self.tau_ = (
+                threshold_reject_count(s_t, self.n_r) if self.threshold == "reject_count" else rule[self.threshold](s_t)
+            )
 
     # -- prediction -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -333,6 +557,7 @@ class DetectorStrategy(Strategy):
             "num_known": self.num_known,
             "tau": self.tau_,
             "center": self.center,
+            "ep_protos": self.ep_protos,
             "detector": self._detector_state(),
             "info": dict(self.info_),
         }
@@ -341,8 +566,10 @@ class DetectorStrategy(Strategy):
         self.num_known = int(state["num_known"])
         self.tau_ = state["tau"]
         self.center = None if state["center"] is None else state["center"].to(self.ctx.device)
+        protos = state.get("ep_protos")
+        self.ep_protos = None if protos is None else protos.to(self.ctx.device)
         if state["net"] is not None:
-            self.net = self.ctx.create_classifier_net()
+            self.net = linear_net(self.ctx) if self.head == "linear" else self.ctx.create_classifier_net()
             self.net.load_state_dict(state["net"])
             self.net.eval()
             self.net_classes = self.num_known
@@ -389,17 +616,27 @@ class Energy(DetectorStrategy):
 class Mahalanobis(DetectorStrategy):
     """s = −min_c (f−μ_c)ᵀ Σ⁻¹ (f−μ_c) on penultimate features with one tied covariance (minimal
     version: penultimate layer, ε = 0, no regression). ``maha_pred``: predict argmin_c d² instead of
-    the classifier's argmax. The full Lee et al. ensemble (``mahalanobis_ens``) is not implemented."""
+    the classifier's argmax. The full Lee et al. ensemble is ``mahalanobis_ens``."""
 
     uses_features = True
 
-    def __init__(self, base: str | None = None, base_params: dict | None = None, temperature: float = 1.0,
-                 threshold: Literal["source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean",
-                                    "reject_count"] = "source_quantile",
-                 quantile: float = 0.05, tau: float | None = None, n_r: int | None = None,
-                 alignment: Literal["none", "adabn", "recenter"] = "none", maha_pred: bool = False):
+    def __init__(
+        self,
+        base: str | None = None,
+        base_params: dict | None = None,
+        temperature: float = 1.0,
+        threshold: Literal[
+            "source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean", "reject_count"
+        ] = "source_quantile",
+        quantile: float = 0.05,
+        tau: float | None = None,
+        n_r: int | None = None,
+        alignment: Literal["none", "adabn", "recenter"] = "none",
+        head: Literal["cosine", "linear"] = "cosine",
+        maha_pred: bool = False,
+    ):
         self.maha_pred = maha_pred
-        super().__init__(base, base_params, temperature, threshold, quantile, tau, n_r, alignment)
+        super().__init__(base, base_params, temperature, threshold, quantile, tau, n_r, alignment, head)
 
     def _fit(self, data, classes) -> None:
         feats, labels = self._feature_set(data)
@@ -408,6 +645,19 @@ class Mahalanobis(DetectorStrategy):
 
     def _score(self, x: Tensor) -> Tensor:
         return self.model.score(self._features(x))
+
+    def _fit_episode_source(self, source, num_source: int) -> None:
+        # the tied Σ of the source classes: the same source model every episode, so computed once
+        key = (source.fingerprint(), num_source)
+        cached = getattr(self, "_episode_source", None)
+        if cached is None or cached[0] != key:
+            feats, labels = self._feature_set(source)
+            cached = self._episode_source = (key, MahalanobisModel.fit(feats, labels, range(num_source)))
+        self.model = MahalanobisModel(cached[1].means.clone(), cached[1].precision, cached[1].ridge)
+        self.info_["ridge"] = self.model.ridge
+
+    def _fit_episode_support(self, feats: Tensor, labels: Tensor, n_way: int) -> None:
+        self.model.means = class_means(feats.to(torch.float64), labels, list(range(n_way)))
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
@@ -434,17 +684,27 @@ class NCMThreshold(DetectorStrategy):
 
     uses_features = True
 
-    def __init__(self, base: str | None = None, base_params: dict | None = None, temperature: float = 1.0,
-                 threshold: Literal["source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean",
-                                    "reject_count"] = "source_quantile",
-                 quantile: float = 0.05, tau: float | None = None, n_r: int | None = None,
-                 alignment: Literal["none", "adabn", "recenter"] = "none",
-                 ncm_distance: Literal["cosine", "euclidean"] = "cosine", ncm_pred: bool = False):
+    def __init__(
+        self,
+        base: str | None = None,
+        base_params: dict | None = None,
+        temperature: float = 1.0,
+        threshold: Literal[
+            "source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean", "reject_count"
+        ] = "source_quantile",
+        quantile: float = 0.05,
+        tau: float | None = None,
+        n_r: int | None = None,
+        alignment: Literal["none", "adabn", "recenter"] = "none",
+        head: Literal["cosine", "linear"] = "cosine",
+        ncm_distance: Literal["cosine", "euclidean"] = "cosine",
+        ncm_pred: bool = False,
+    ):
         if ncm_distance not in ("cosine", "euclidean"):
             raise ValueError(f"ncm_threshold: ncm_distance must be 'cosine' or 'euclidean', got {ncm_distance!r}")
         self.ncm_distance = ncm_distance
         self.ncm_pred = ncm_pred
-        super().__init__(base, base_params, temperature, threshold, quantile, tau, n_r, alignment)
+        super().__init__(base, base_params, temperature, threshold, quantile, tau, n_r, alignment, head)
 
     def _fit(self, data, classes) -> None:
         feats, labels = self._feature_set(data)
@@ -468,6 +728,10 @@ class NCMThreshold(DetectorStrategy):
     def _score(self, x: Tensor) -> Tensor:
         return self._score_of(self._normed(x))
 
+    def _fit_episode_support(self, feats: Tensor, labels: Tensor, n_way: int) -> None:
+        self.prototypes = self.ep_protos
+        self.source_mean = torch.zeros_like(feats[0])
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Prediction:
         if not self.ncm_pred:
@@ -482,3 +746,228 @@ class NCMThreshold(DetectorStrategy):
     def _load_detector_state(self, state: dict) -> None:
         self.prototypes = state["prototypes"].to(self.ctx.device)
         self.source_mean = state["source_mean"].to(self.ctx.device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mahalanobis, full Lee et al. ensemble (card §4 "Full ensemble")
+# --------------------------------------------------------------------------------------------------
+EPSILONS = (0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01)
+
+
+def layer_modules(encoder: nn.Module, names=None) -> list[tuple[str, nn.Module]]:
+    """The layers of the ensemble: ``names`` (module paths inside the encoder), else the encoder's
+    top-level children without pooling / flatten / identity modules (``osda_cnn``: every conv block, then
+    the FC layer; ``cnn28``: block1…block3). A ModuleList child contributes each of its entries; a lone
+    Sequential child (``mlp``) the output of each of its ReLUs."""
+    mods = dict(encoder.named_modules())
+    if names:
+        missing = [n for n in names if n not in mods]
+        if missing:
+            raise ValueError(
+                f"mahalanobis_ens: layers {missing} are not modules of the encoder "
+                f"(it has {[n for n in mods if n][:20]}…)"
+            )
+        return [(n, mods[n]) for n in names]
+    skip = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+    out = []
+    for name, child in encoder.named_children():
+        if isinstance(child, nn.ModuleList):
+            out += [(f"{name}.{i}", m) for i, m in enumerate(child)]
+        elif not isinstance(child, skip):
+            out.append((name, child))
+    if len(out) == 1 and isinstance(out[0][1], nn.Sequential):  # e.g. the mlp encoder: every ReLU output
+        relus = [(f"{out[0][0]}.{n}", m) for n, m in out[0][1].named_children() if isinstance(m, nn.ReLU)]
+        out = relus or out
+    if not out:
+        raise ValueError("mahalanobis_ens: no layers found in the encoder; name them with `layers`")
+    return out
+
+
+def tnr_at_tpr95(s_in: np.ndarray, s_out: np.ndarray) -> float:
+    """TNR on ``s_out`` at the threshold keeping ≥ 95% of ``s_in`` (higher = in), as Lee et al.'s
+    ``lib_regression`` selection criterion."""
+    tau = np.quantile(np.asarray(s_in, dtype=np.float64), 0.05, method="linear")
+    return float((np.asarray(s_out) < tau).mean())
+
+
+@_detector("mahalanobis_ens")
+class MahalanobisEnsemble(DetectorStrategy):
+    """s(x) = Σ_l α_l · M_l(x̃_l): per-layer Mahalanobis scores (spatial mean of each layer's output,
+    class means and a tied Σ per layer from the source) on inputs pre-processed per layer,
+    x̃ = x − ε·sign(∇_x d²_l(x, μ_ĉ)) / σ_ch (ĉ = argmin_c d²_l; a zero gradient counts as +1), and α
+    the coefficients of ``sklearn.linear_model.LogisticRegressionCV`` (defaults) on the L scores with
+    ID = 1 / OOD = 0 (Lee et al. 2018; OpenOOD ``mds_ensemble``).
+
+    No labelled unknowns exist in OSDA, so α is fitted on the held-out source validation split (ID)
+    against its **FGSM-perturbed** copy (OOD): x + ``fgsm_eps``·sign(∇_x CE(z(x), y)) / σ_ch — the
+    paper's "validation on adversarial samples" variant. Both halves of a seeded split play the
+    paper's roles: α fitted on the first half, ε chosen from ``epsilons`` by TNR at TPR 95% on the
+    second. ``input_std`` is σ_ch, the per-channel std of the input normalisation (MNIST: 0.3081; CIFAR-10:
+    0.2470, 0.2435, 0.2616). ``layers``: module paths inside the encoder (default: :func:`layer_modules`).
+    The choices (ε, α, layers) are in :attr:`info_`. Needs gradients at prediction (one backward pass
+    per layer per batch, skipped when ε = 0). Not for DA-FSOS episodes."""
+
+    uses_features = True
+
+    def __init__(
+        self,
+        base: str | None = None,
+        base_params: dict | None = None,
+        temperature: float = 1.0,
+        threshold: Literal[
+            "source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean", "reject_count"
+        ] = "source_quantile",
+        quantile: float = 0.05,
+        tau: float | None = None,
+        n_r: int | None = None,
+        alignment: Literal["none", "adabn", "recenter"] = "none",
+        head: Literal["cosine", "linear"] = "cosine",
+        layers: list[str] | None = None,
+        epsilons: list[float] | None = None,
+        fgsm_eps: float = 0.05,
+        input_std: float | list[float] = 1.0,
+    ):
+        self.layers = list(layers) if layers else None
+        self.epsilons = [float(e) for e in (epsilons if epsilons is not None else EPSILONS)]
+        self.fgsm_eps = float(fgsm_eps)
+        self.input_std = input_std
+        if not self.epsilons or min(self.epsilons) < 0:
+            raise ValueError(f"mahalanobis_ens: epsilons must be a non-empty list of values ≥ 0, got {epsilons}")
+        super().__init__(base, base_params, temperature, threshold, quantile, tau, n_r, alignment, head)
+        if self.base is not None:
+            raise ValueError("mahalanobis_ens: needs the encoder's layers (base: null)")
+
+    # -- per-layer features ------------------------------------------------------------------------------
+    def _encoder(self) -> nn.Module:
+        return self.net.encoder
+
+    def _layer_feats(self, x: Tensor) -> list[Tensor]:
+        """Spatial means of every ensemble layer's output, float32, with gradients if enabled."""
+        outs: list[Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o)) for _, m in self._mods]
+        try:
+            self._encoder()(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [(o.mean(dim=(2, 3)) if o.dim() == 4 else o.flatten(1)).float() for o in outs]
+
+    def _std(self, x: Tensor) -> Tensor:
+        std = torch.as_tensor(self.input_std, dtype=x.dtype, device=x.device).reshape(-1)
+        if std.numel() not in (1, x.shape[1]):
+            raise ValueError(f"mahalanobis_ens: input_std has {std.numel()} values for {x.shape[1]} channels")
+        return std.reshape(1, -1, *([1] * (x.dim() - 2)))
+
+    def _layer_scores(self, x: Tensor, eps: float) -> Tensor:
+        """M_l(x̃_l) for every layer l: [B, L] float64."""
+        cols = []
+        for i, model in enumerate(self.models):
+            if eps > 0:
+                with torch.enable_grad():
+                    xi = x.detach().clone().requires_grad_(True)
+                    f = self._layer_feats(xi)[i]
+                    d2 = model.distances(f)  # float64, differentiable
+                    nearest = d2.argmin(1)
+                    (grad,) = torch.autograd.grad(d2.gather(1, nearest[:, None]).sum(), xi)
+                    sign = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype)
+                x_t = x - eps * sign / self._std(x)
+            else:
+                x_t = x
+            with torch.no_grad():
+                cols.append(model.score(self._layer_feats(x_t)[i]))
+        return torch.stack(cols, 1)
+
+    def _fgsm(self, x: Tensor, y: Tensor) -> Tensor:
+        with torch.enable_grad():
+            xi = x.detach().clone().requires_grad_(True)
+            loss = F.cross_entropy(self.net(xi, num_active=self.num_known).float(), y)
+            (grad,) = torch.autograd.grad(loss, xi)
+        return (x + self.fgsm_eps * torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / self._std(x)).detach()
+
+    # -- detector hooks -----------------------------------------------------------------------------------
+    def _fit(self, data, classes) -> None:
+        from sklearn.linear_model import LogisticRegressionCV
+
+        if self._validation is None or len(self._validation) < 4:
+            raise ValueError("mahalanobis_ens: needs a source validation split (session.validation) to fit α")
+        self._mods = layer_modules(self._encoder(), self.layers)
+        dev = self.ctx.device
+        per_layer: list[list[Tensor]] = [[] for _ in self._mods]
+        labels = []
+        with torch.no_grad():
+            for xb, yb in batches(data, self.ctx.eval_batch_size, device=dev, num_workers=self.ctx.num_workers):
+                for i, f in enumerate(self._layer_feats(xb)):
+                    per_layer[i].append(f)
+                labels.append(yb)
+        y = torch.cat(labels)
+        self.models = [MahalanobisModel.fit(torch.cat(fs), y, classes) for fs in per_layer]
+        # ID = held-out source validation, OOD = its FGSM copy; half A fits α, half B picks ε
+        x_in, y_in = [], []
+        for xb, yb in batches(self._validation, self.ctx.eval_batch_size, device=dev, num_workers=self.ctx.num_workers):
+            x_in.append(xb)
+            y_in.append(yb)
+        x_in, y_in = torch.cat(x_in), torch.cat(y_in)
+        bs = self.ctx.eval_batch_size
+        x_out = torch.cat([self._fgsm(x_in[i : i + bs], y_in[i : i + bs]) for i in range(0, len(x_in), bs)])
+        perm = torch.randperm(len(x_in), generator=torch.Generator().manual_seed(self.ctx.derive_seed("maha_ens")))
+        half_a, half_b = perm[: len(perm) // 2], perm[len(perm) // 2 :]
+        best = None
+        for eps in self.epsilons:
+            s_in = torch.cat([self._layer_scores(x_in[i : i + bs], eps) for i in range(0, len(x_in), bs)]).cpu().numpy()
+            s_out = (
+                torch.cat([self._layer_scores(x_out[i : i + bs], eps) for i in range(0, len(x_out), bs)]).cpu().numpy()
+            )
+            a, b = half_a.numpy(), half_b.numpy()
+            feats = np.concatenate([s_in[a], s_out[a]])
+            target = np.r_[np.ones(len(a)), np.zeros(len(a))]
+            with warnings.catch_warnings():  # the defaults (card §4); sklearn ≥ 1.8 warns about future defaults
+                warnings.simplefilter("ignore", FutureWarning)
+                lr = LogisticRegressionCV().fit(feats, target)
+            alpha = lr.coef_[0]
+            tnr = tnr_at_tpr95(s_in[b] @ alpha, s_out[b] @ alpha)
+            if best is None or tnr > best[0]:
+                best = (tnr, eps, alpha)
+        self.eps_, self.alpha_ = best[1], torch.as_tensor(best[2], dtype=torch.float64, device=dev)
+        self.info_.update(
+            epsilon=self.eps_,
+            alpha=[float(a) for a in best[2]],
+            tnr_at_tpr95_val=best[0],
+            layers=[n for n, _ in self._mods],
+            ood_fit="fgsm_source_val",
+            fgsm_eps=self.fgsm_eps,
+            ridges=[m.ridge for m in self.models],
+        )
+
+    def _score(self, x: Tensor) -> Tensor:
+        return self._layer_scores(x, self.eps_) @ self.alpha_
+
+    def _learn_episode(self, session) -> None:
+        raise ValueError("mahalanobis_ens: DA-FSOS episodes are not supported (use mahalanobis)")
+
+    def _detector_state(self) -> dict:
+        return {
+            "models": [m.state_dict() for m in self.models],
+            "eps": self.eps_,
+            "alpha": self.alpha_,
+            "layers": [n for n, _ in self._mods],
+        }
+
+    def _load_detector_state(self, state: dict) -> None:
+        self.models = [MahalanobisModel.from_state(m, self.ctx.device) for m in state["models"]]
+        self.eps_ = float(state["eps"])
+        self.alpha_ = state["alpha"].to(self.ctx.device)
+        self._mods = layer_modules(self._encoder(), state["layers"])
+
+
+@register_strategy("osbp_head")
+class OSBPHead(Strategy):
+    """Card §4 ``osbp_head`` (s = 1 − p(u|x), decision ``head_argmax``) scores an explicit (|K|+1)-way head
+    such as OSBP's. No openworld strategy has one, so this name exists only to say so clearly."""
+
+    supports = frozenset({"open_set"})
+
+    def __init__(self, **_: Any):
+        raise ValueError(
+            "osbp_head: needs a strategy with an explicit (|K|+1)-way head (OSBP, card §1/§4); none is implemented "
+            "in openworld. Use msp, energy, mahalanobis, mahalanobis_ens or ncm_threshold"
+        )
