@@ -335,12 +335,25 @@ def _get(registry, name: str, path: str):
         raise ConfigError(f"{path} = {name!r}: {exc}") from None
 
 
+def _check_augment(value: Any, path: str) -> None:
+    """An augmentation name must exist in some transform family (each source then checks its own family
+    when it loads); catches typos at validate time instead of after the data is read."""
+    if value is None:
+        return
+    from openworld.data.transforms import FAMILIES
+
+    allowed = sorted({"default", *(a for augments in FAMILIES.values() for a in augments)})
+    if value not in allowed:
+        raise ConfigError(f"{path} = {value!r}: unknown augmentation; allowed: {', '.join(allowed)}")
+
+
 def _check_components(recipe: Recipe) -> None:
     scenario_cls = _get(SCENARIOS, recipe.scenario.kind, "scenario.kind")
     check_params(scenario_cls, recipe.scenario_params(), "scenario", skip={"seed"})
     loader = _get(DATASETS, recipe.scenario.data.source, "scenario.data.source")
     options = {k: v for k, v in recipe.scenario.data.model_dump().items() if k not in ("source", "root", "download")}
     check_params(loader, options, "scenario.data", skip={"root", "download"})
+    _check_augment(options.get("augment"), "scenario.data.augment")
     backbone = recipe.backbone.model_dump()
     _check_pretrain(recipe, backbone.pop("pretrain", None))
     factory = _get(BACKBONES, backbone.pop("name"), "backbone.name")
@@ -375,6 +388,7 @@ def _check_pretrain(recipe: Recipe, in_backbone: Any) -> None:
     loader = _get(DATASETS, data.source, "pretrain.data.source")
     options = {k: v for k, v in data.model_dump().items() if k not in ("source", "root", "download")}
     check_params(loader, options, "pretrain.data", skip={"root", "download"})
+    _check_augment(options.get("augment"), "pretrain.data.augment")
     scen = recipe.scenario.data
     if (
         data.source == scen.source

@@ -76,6 +76,7 @@ def test_paper_protocol_sets_released_values(tmp_path):
         ("scenario.shotz=3", "scenario.shotz: unknown parameter"),
         ("seeds=[]", "seeds = []"),
         ("base.epochs=0", "base.epochs = 0: Input should be greater than 0"),
+        ("scenario.data.augment=ovorr", "scenario.data.augment = 'ovorr': unknown augmentation; allowed: "),
     ],
 )
 def test_invalid_recipes_name_the_key(override, expected):
