@@ -293,48 +293,68 @@ class RunContext:
                 )
         return copy.deepcopy(encoder.state_dict())
 
-    def create_classifier_net(self, num_classes: int | None = None) -> nn.Module:
-        from openworld.models.heads import ClassifierNet, CosineClassifier
+    def create_classifier_net(
+        self, num_classes: int | None = None, head: Literal["cosine", "linear"] = "cosine"
+    ) -> nn.Module:
+        """The recipe's backbone with a cosine classifier (T·cos, the ``base:`` temperature) or an
+        ordinary linear one (bias, unbounded logits)."""
+        from openworld.models.heads import ClassifierNet, CosineClassifier, LinearClassifier
 
         encoder = self.create_backbone()
-        head = CosineClassifier(
-            encoder.out_features, num_classes or self.scenario["num_classes"], self.base.temperature
-        )
-        return ClassifierNet(encoder, head).to(self.device)
+        k = num_classes or self.scenario["num_classes"]
+        if head == "linear":
+            classifier = LinearClassifier(encoder.out_features, k)
+        elif head == "cosine":
+            classifier = CosineClassifier(encoder.out_features, k, self.base.temperature)
+        else:
+            raise ValueError(f"head must be 'cosine' or 'linear', got {head!r}")
+        return ClassifierNet(encoder, classifier).to(self.device)
 
     def base_model(
-        self, session, *, data=None, validation=None, num_active: int | None = None, tag: str = "base"
+        self,
+        session=None,
+        *,
+        data=None,
+        validation=None,
+        num_active: int | None = None,
+        tag: str = "base",
+        head: Literal["cosine", "linear"] = "cosine",
     ) -> nn.Module:
-        """Encoder + cosine classifier trained with the recipe's ``base:`` block on ``session``.
+        """Encoder + classifier (``head``) trained with the recipe's ``base:`` block on ``session``
+        (or on ``data``/``validation``/``num_active`` given explicitly).
 
-        Trained once per (scenario splits, backbone, base block, seed, data) and shared: every
+        Trained once per (scenario splits, backbone, base block, seed, data, head) and shared: every
         strategy asking for the same model gets a copy of one cached training (in memory for this
         process, on disk in the content-addressed cache across processes).
         """
+        if session is None and (data is None or num_active is None):
+            raise ValueError("base_model: give a session, or data and num_active")
         data = session.labeled if data is None else data
-        validation = session.validation if validation is None else validation
+        if validation is None and session is not None:
+            validation = session.validation
         if self.base.selection == "test":
             validation = self.selection_override  # protocol: paper — set by the runner, flagged in results
         num_active = num_active or len(session.classes.seen)
-        key = stable_hash(
-            {
-                "what": "classifier_net",
-                "tag": tag,
-                "scenario": self.scenario.get("fingerprint"),
-                "backbone": self.backbone_cfg,
-                "base": self.base.to_dict(),
-                "seed": self.seed,
-                "data": data.fingerprint(),
-                "val": validation.fingerprint() if validation is not None else None,
-                "num_active": num_active,
-            }
-        )
+        spec = {
+            "what": "classifier_net",
+            "tag": tag,
+            "scenario": self.scenario.get("fingerprint"),
+            "backbone": self.backbone_cfg,
+            "base": self.base.to_dict(),
+            "seed": self.seed,
+            "data": data.fingerprint(),
+            "val": validation.fingerprint() if validation is not None else None,
+            "num_active": num_active,
+        }
+        if head != "cosine":  # cosine keys stay as they were (existing caches remain valid)
+            spec["head"] = head
+        key = stable_hash(spec)
         if key in self._memo:
-            model = self.create_classifier_net()
+            model = self.create_classifier_net(head=head)
             model.load_state_dict(self._memo[key])
             return model.eval()
         torch.manual_seed(self.derive_seed("model", tag))
-        model = self.create_classifier_net()
+        model = self.create_classifier_net(head=head)
         cached = self.cache.load(key) if self.cache is not None else None
         if cached is not None:
             model.load_state_dict(cached["state_dict"])

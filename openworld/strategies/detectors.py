@@ -69,7 +69,7 @@ from openworld.metrics.open_set import (
     threshold_source_quantile,
 )
 from openworld.registry import STRATEGIES, register_backbone, register_strategy
-from openworld.strategies.base import Prediction, Strategy, class_means, stable_hash, train_classifier
+from openworld.strategies.base import Prediction, Strategy, class_means
 
 THRESHOLD_RULES = ("source_quantile", "fixed", "target_otsu", "target_gmm", "ros_mean", "reject_count")
 ALIGNMENTS = ("none", "adabn", "recenter")
@@ -128,57 +128,13 @@ def osda_cnn(in_channels: int = 1, input_size=(1, 28, 28), widths=(32, 64), fc: 
 
 def linear_net(ctx, num_classes: int | None = None) -> nn.Module:
     """The recipe's backbone with an ordinary linear head (bias) over all scenario classes."""
-    from openworld.models.heads import ClassifierNet, LinearClassifier
-
-    encoder = ctx.create_backbone()
-    return ClassifierNet(encoder, LinearClassifier(encoder.out_features, num_classes or ctx.scenario["num_classes"]))
+    return ctx.create_classifier_net(num_classes, head="linear")
 
 
 def linear_base_model(ctx, data, validation, num_active: int, tag: str = "base_linear") -> nn.Module:
     """:meth:`RunContext.base_model` with a linear head: trained once per (splits, backbone, base block,
-    seed, data) with the recipe's ``base:`` block, shared in memory (the run's memo) and on disk."""
-    if ctx.base.selection == "test":
-        validation = ctx.selection_override
-    key = stable_hash(
-        {
-            "what": "classifier_net",
-            "head": "linear",
-            "tag": tag,
-            "scenario": ctx.scenario.get("fingerprint"),
-            "backbone": ctx.backbone_cfg,
-            "base": ctx.base.to_dict(),
-            "seed": ctx.seed,
-            "data": data.fingerprint(),
-            "val": validation.fingerprint() if validation is not None else None,
-            "num_active": num_active,
-        }
-    )
-    memo = getattr(ctx, "_memo", None)
-    if memo is not None and key in memo:
-        model = linear_net(ctx)
-        model.load_state_dict(memo[key])
-        return model.eval()
-    torch.manual_seed(ctx.derive_seed("model", tag))
-    model = linear_net(ctx)
-    cached = ctx.cache.load(key) if ctx.cache is not None else None
-    if cached is not None:
-        model.load_state_dict(cached["state_dict"])
-    else:
-        info = train_classifier(
-            model,
-            data,
-            cfg=ctx.base,
-            ctx=ctx,
-            num_active=num_active,
-            selection_data=None if ctx.base.selection == "last" else validation,
-            generator=torch.Generator().manual_seed(ctx.derive_seed("train", tag)),
-            desc=f"{tag} training",
-        )
-        if ctx.cache is not None:
-            ctx.cache.save(key, {"state_dict": model.state_dict()}, meta={"tag": tag, **info})
-    if memo is not None:
-        memo[key] = copy.deepcopy(model.state_dict())
-    return model.eval()
+    seed, data) with the recipe's ``base:`` block, shared in memory and on disk."""
+    return ctx.base_model(data=data, validation=validation, num_active=num_active, tag=tag, head="linear")
 
 
 # --------------------------------------------------------------------------------------------------
