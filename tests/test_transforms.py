@@ -204,3 +204,32 @@ def test_autoaugment_batch_cost_is_bounded():
     start = time.perf_counter()
     tf(x, generator=gen(0))
     assert time.perf_counter() - start < 10.0
+
+
+def test_rotate_equals_torchvision_nearest_rotation():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+
+    from openworld.data.transforms import rotate
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (12, 3, 32, 32), generator=g, dtype=torch.uint8)
+    angles = torch.cat([(torch.rand(9, generator=g) * 2 - 1) * 15, torch.tensor([0.0, 90.0, -45.0])])
+    ours = rotate(x, angles)
+    ref = torch.stack([tvf.rotate(x[i], float(angles[i]), interpolation=InterpolationMode.NEAREST) for i in range(12)])
+    assert ours.dtype == torch.uint8 and torch.equal(ours, ref)
+    assert torch.equal(rotate(x, torch.zeros(12)), x)
+
+
+def test_sade_cifar_augmentation_is_seeded_and_normalised_as_the_card():
+    from openworld.data.transforms import SADE_CIFAR_MEAN, SADE_CIFAR_STD, get_transforms
+
+    pair = get_transforms("cifar", "sade")
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    a = pair.train(x, generator=torch.Generator().manual_seed(3))
+    b = pair.train(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (8, 3, 32, 32)
+    mean = torch.tensor(SADE_CIFAR_MEAN)[None, :, None, None]
+    std = torch.tensor(SADE_CIFAR_STD)[None, :, None, None]
+    assert torch.allclose(pair.test(x), (x.float() / 255 - mean) / std)
+    assert pair.name == "cifar/sade"

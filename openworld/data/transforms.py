@@ -30,6 +30,7 @@ gray28     [none], crop (random crop, zero padding 2)                       MNIS
 cifar      none, [crop_flip] (RandomCrop 32 pad 4 + HFlip),                 CIFAR-100 mean/std
            autoaugment_cutout (crop_flip + AutoAugment CIFAR10 + Cutout 16)  (FSCIL card §3)
            ovor (RandomResizedCrop 224 + HFlip; test Resize 224)              none ([0, 1])
+           sade (crop_flip + RandomRotation 15, nearest, fill 0)              SADE's CIFAR mean/std
 vector     [none] (identity, cast to float32)                               none
 imagenet   none, [crop_flip], mini, mini_autoaugment, cub                   ImageNet mean/std
            ovor (RandomResizedCrop 224 + HFlip; test Resize 256 + CenterCrop) none ([0, 1])
@@ -53,6 +54,9 @@ from openworld.data.views import TransformPair
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+# the constants SADE's released code normalises CIFAR-10 and CIFAR-100 with (long-tail card §2.1)
+SADE_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+SADE_CIFAR_STD = (0.2023, 0.1994, 0.2010)
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +71,7 @@ RRC_TRIES = 10
 FAMILIES: dict[str, tuple[str, ...]] = {
     "digits": ("none",),
     "gray28": ("none", "crop"),
-    "cifar": ("none", "crop_flip", "autoaugment_cutout", "ovor"),
+    "cifar": ("none", "crop_flip", "autoaugment_cutout", "ovor", "sade"),
     "vector": ("none",),
     "imagenet": ("none", "crop_flip", "mini", "mini_autoaugment", "cub", "ovor"),
 }
@@ -109,6 +113,32 @@ def random_crop(x: Tensor, pad: int, generator: torch.Generator | None = None) -
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]  # [B, 1, W]
     bi = torch.arange(b, device=x.device)[:, None, None]
     return xp.permute(0, 2, 3, 1)[bi, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def rotate(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate each image of ``x`` [B, C, H, W] counter-clockwise by ``angles[b]`` degrees about its centre,
+    nearest neighbour, outside filled with 0, same size (torchvision's ``rotate(img, angle)`` defaults).
+    Each output pixel centre, taken relative to the image centre, is mapped back through the inverse
+    rotation and sampled with ``grid_sample(mode="nearest", align_corners=False)``; uint8 stays uint8."""
+    b, _, h, w = x.shape
+    rad = torch.deg2rad(angles.to(device=x.device, dtype=torch.float32))
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    ys = torch.arange(h, device=x.device, dtype=torch.float32) - (h - 1) / 2  # pixel centres, y down
+    xs = torch.arange(w, device=x.device, dtype=torch.float32) - (w - 1) / 2
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    # counter-clockwise on screen (y down): the source of output (x, y) is R(θ)·(x, y) with
+    # R = [[cos, -sin], [sin, cos]] applied in (x, −y) coordinates
+    src_x = cos[:, None, None] * gx - sin[:, None, None] * gy
+    src_y = sin[:, None, None] * gx + cos[:, None, None] * gy
+    grid = torch.stack([(src_x + (w - 1) / 2 + 0.5) * 2 / w - 1, (src_y + (h - 1) / 2 + 0.5) * 2 / h - 1], dim=-1)
+    out = torch.nn.functional.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round_().to(torch.uint8) if x.dtype == torch.uint8 else out
+
+
+def random_rotation(x: Tensor, degrees: float, generator: torch.Generator | None = None) -> Tensor:
+    """``RandomRotation(degrees)`` per sample: angle ~ U(−degrees, degrees) drawn on the CPU generator."""
+    angles = (_rand(len(x), generator) * 2 - 1) * degrees
+    return rotate(x, angles)
 
 
 def random_hflip(x: Tensor, generator: torch.Generator | None = None, p: float = 0.5) -> Tensor:
@@ -344,6 +374,7 @@ class BatchTransform:
         image: bool = True,
         rrc: bool = False,
         antialias: bool | None = None,
+        rotation: float = 0.0,
     ):
         if rrc and size is None:
             raise ValueError(f"{name}: a RandomResizedCrop needs an output size")
@@ -358,6 +389,7 @@ class BatchTransform:
         self.image = image
         self.rrc = rrc
         self.antialias = antialias
+        self.rotation = rotation
 
     def __repr__(self) -> str:
         return f"BatchTransform({self.name})"
@@ -373,6 +405,8 @@ class BatchTransform:
             x = random_crop(x, self.pad, generator)
         if self.flip and not self.rrc:
             x = random_hflip(x, generator)
+        if self.rotation:
+            x = random_rotation(x, self.rotation, generator)
         if self.autoaugment is not None:
             x = self.autoaugment(_to_uint8(x), generator)
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
@@ -475,6 +509,10 @@ def get_transforms(family: str, augment: str = "default", image_size: int | None
         train = BatchTransform(name=name + ":train", size=size, rrc=True, flip=True)
         test = BatchTransform(name=name + ":test", size=size, antialias=True)
         return TransformPair(train, test, batched=True, name=name)
+    if aug == "sade":  # long-tail card §2.1: crop + flip + RandomRotation(15), SADE's normalisation
+        norm = {"mean": SADE_CIFAR_MEAN, "std": SADE_CIFAR_STD, "size": image_size}
+        train = BatchTransform(name=name + ":train", pad=4, flip=True, rotation=15.0, **norm)
+        return TransformPair(train, BatchTransform(name=name + ":test", **norm), batched=True, name=name)
     norm = {"mean": CIFAR100_MEAN, "std": CIFAR100_STD, "size": image_size}
     test = BatchTransform(name=name + ":test", **norm)
     if aug == "none":
@@ -505,6 +543,8 @@ __all__ = [
     "random_crop",
     "random_hflip",
     "random_resized_crop",
+    "random_rotation",
+    "rotate",
     "resized_crop",
     "rrc_params",
 ]
