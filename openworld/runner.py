@@ -29,7 +29,7 @@ from openworld.cache import Cache, atomic_torch_save, atomic_write_bytes
 from openworld.config import Recipe
 from openworld.data.views import batches
 from openworld.logging import TensorBoardLogger, flatten, format_table, write_json, write_metrics_csv
-from openworld.metrics import History, create_engine, harmonic_mean
+from openworld.metrics import History, create_engine, harmonic_mean, mean_ci95
 from openworld.registry import SCENARIOS
 from openworld.scenarios.base import EvalSet, Scenario
 from openworld.strategies.base import RunContext, TrainConfig, stable_hash
@@ -641,9 +641,7 @@ def episodic_summary(sessions: list[dict]) -> dict:
                     values.setdefault(f"{set_name}/{k}", []).append(float(v))
     out: dict[str, Any] = {}
     for key, vals in values.items():
-        v = np.asarray(vals, dtype=np.float64)
-        out[key] = float(v.mean())
-        out[f"{key}_ci95"] = float(1.96 * v.std(ddof=0) / math.sqrt(len(v)))
+        out[key], out[f"{key}_ci95"] = mean_ci95(vals)
     out["episodes"] = len(sessions)
     return out
 

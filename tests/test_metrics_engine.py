@@ -395,3 +395,13 @@ def test_metrics_package_imports_only_torch_numpy_scipy():
             else:
                 continue
             assert roots <= allowed, f"{path.name} imports {roots - allowed}"
+
+
+def test_mean_ci95_exact():
+    from openworld.metrics import mean_ci95
+
+    mean, half = mean_ci95([60.0, 70.0, 80.0, 90.0])
+    assert mean == 75.0 and half == pytest.approx(1.96 * 125**0.5 / 2, abs=1e-12)  # std (ddof 0) = √125
+    assert mean_ci95([5.0]) == (5.0, 0.0)
+    with pytest.raises(ValueError, match="no value"):
+        mean_ci95([])

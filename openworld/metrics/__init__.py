@@ -34,7 +34,7 @@ from .continual import (
     pooled_accuracy,
     task_accuracies,
 )
-from .engine import ENGINES, History, MetricsEngine, create_engine, register_engine
+from .engine import ENGINES, History, MetricsEngine, create_engine, mean_ci95, register_engine
 from .long_tail import LongTailEngine, long_tail_metrics, shot_group_masks, shot_group_means
 from .open_set import (  # registers the "open_set" engine
     OpenSetEngine,
@@ -104,6 +104,7 @@ __all__ = [
     "History",
     "MetricsEngine",
     "create_engine",
+    "mean_ci95",
     "register_engine",
     "acc_a_triangle",
     "accuracy",

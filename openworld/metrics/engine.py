@@ -40,12 +40,21 @@ from .classification import (
     flat_confusion_index,
 )
 
-__all__ = ["ENGINES", "History", "MetricsEngine", "create_engine", "register_engine"]
+__all__ = ["ENGINES", "History", "MetricsEngine", "create_engine", "mean_ci95", "register_engine"]
 
 # Engine kinds by EvalSet.task. Each engine takes ``num_classes`` and ``device`` plus its own keyword
 # options, and implements ``observe(logits, targets, unknown_score=None)`` (one batch, no host sync),
 # ``compute() -> dict[str, float]`` (fractions), ``confusion()`` and ``per_class()`` (CPU tensors or None).
 ENGINES: dict = {}
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and 95 % interval half-width ``1.96·std/√n`` (std with ddof = 0) of per-episode values (the
+    DA-FSOS card's aggregate, §3.2)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("mean_ci95: no value")
+    return float(v.mean()), float(1.96 * v.std(ddof=0) / np.sqrt(v.size))
 
 
 def register_engine(task: str):

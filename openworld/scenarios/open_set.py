@@ -59,6 +59,7 @@ import torch
 import openworld.data.domains  # noqa: F401  (registers digits28, office_home, office31, domainnet)
 from openworld.data.corruptions import corrupt, parse_domain
 from openworld.data.views import TensorData, concat
+from openworld.metrics.engine import mean_ci95
 from openworld.registry import DATASETS, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
 from openworld.scenarios.fscil import _jsonable, _labels
@@ -254,11 +255,8 @@ def episode_summary(
             for s in sessions
             if s.get("metrics", {}).get(eval_set, {}).get(name) is not None
         ]
-        if not vals:
-            continue
-        v = np.asarray(vals, dtype=np.float64)
-        out[name] = float(v.mean())
-        out[f"{name}_ci95"] = float(1.96 * v.std(ddof=0) / np.sqrt(len(v)))
+        if vals:
+            out[name], out[f"{name}_ci95"] = mean_ci95(vals)
     out["episodes"] = float(len(sessions))
     return out
 

@@ -229,10 +229,10 @@ class AvalancheStrategy(Strategy):
         self.model.load_state_dict(weights)
 
     def _memory_state(self) -> dict:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has plugin memory (has_memory) but no _memory_state()")
 
     def _load_memory(self, memory: dict) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has plugin memory (has_memory) but no _load_memory()")
 
     # -- helpers for the plugin memories ------------------------------------------------------------
     def _plugin(self, cls):
