@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output root (default: the recipe's `output`, usually runs/)")
     run.add_argument("--resume", action="store_true", help="continue unfinished runs after their last finished session")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--threads", type=int, help="CPU threads per run (default: the recipe's `threads`, else "
+                     "torch's default); recorded, and kept on --resume")
     run.add_argument("--stop-after-session", type=int, help=argparse.SUPPRESS)  # tests: emulate a kill
 
     val = sub.add_parser("validate", help="check a recipe without running it")
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", help="where to write compare.md / compare.csv / compare.json (default: first RUN_DIR)")
     cmp.add_argument("--plot", metavar="DIR", help="also draw PNG plots into DIR")
     cmp.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown", help="what to print")
+    cmp.add_argument("--std", choices=["sample", "population"], default="sample",
+                     help="std over seeds: sample (ddof=1, default) or population (ddof=0, e.g. the OVOR card)")
 
     sw = sub.add_parser("sweep", help="run a grid of overrides × seeds locally or as a SLURM array")
     sw.add_argument("recipe")
@@ -120,13 +124,18 @@ def cmd_run(args) -> int:
             seeds=args.seeds,
             progress=not args.no_progress and sys.stderr.isatty(),
             stop_after_session=args.stop_after_session,
+            threads=args.threads,
         )
     except (ValueError, RuntimeError) as exc:
         print(f"openworld: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from openworld.config import ConfigError
+
     try:
         results = runner.run()
-    except FileNotFoundError as exc:  # DataNotFoundError: names the file, the places searched, the fix
+    except (FileNotFoundError, ConfigError) as exc:
+        # DataNotFoundError names the file, the places searched, the fix; ResumeMismatchError the run
+        # directory and what differs
         print(f"openworld: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return 1 if any(r.status == "failed" for r in results) else 0
@@ -150,7 +159,7 @@ def cmd_compare(args) -> int:
     from openworld.logging import write_json
 
     try:
-        result = compare(args.runs, args.metrics)
+        result = compare(args.runs, args.metrics, std=args.std)
     except (FileNotFoundError, ValueError) as exc:
         print(f"openworld: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -214,7 +223,11 @@ def cmd_sweep(args) -> int:
     codes = run_local(jobs, args.workers, out / "logs")
     failed = [j for j, c in zip(jobs, codes) if c != 0]
     for j in failed:
-        print(f"job {j.tag} seed {j.seed} exited non-zero (log: {out / 'logs' / f'{j.tag}_seed{j.seed}.log'})")
+        log = out / "logs" / f"{j.tag}_seed{j.seed}.log"
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
+        errors = [ln for ln in lines if ln.startswith("openworld: error:")]
+        why = f": {(errors or lines)[-1].strip()}" if lines else ""
+        print(f"job {j.tag} seed {j.seed} exited non-zero{why} (log: {log})")
     print(f"done: {len(jobs) - len(failed)}/{len(jobs)} jobs ok; compare with: openworld compare {out}")
     return 1 if failed else 0
 

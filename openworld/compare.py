@@ -150,10 +150,23 @@ def session_values(group: Group, metric: str, eval_set: str = "test") -> list[di
     return series
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+STD_CONVENTIONS = ("sample", "population")
+STD_LABELS = {
+    "sample": "sample std (ddof = 1)",
+    "population": "population std (ddof = 0)",
+}
+
+
+def mean_std(values: list[float], std: str = "sample") -> tuple[float | None, float | None]:
+    """Mean and std over seeds: ``sample`` (ddof = 1, the default statisticians expect) or
+    ``population`` (ddof = 0, e.g. the OVOR card's convention). None for the std of one value."""
+    if std not in STD_CONVENTIONS:
+        raise ValueError(f"std must be one of {', '.join(STD_CONVENTIONS)}, got {std!r}")
     if not values:
         return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+    if len(values) == 1:
+        return statistics.fmean(values), None
+    return statistics.fmean(values), (statistics.stdev(values) if std == "sample" else statistics.pstdev(values))
 
 
 def paired_p_value(a: dict[int, float], b: dict[int, float]) -> float | None:
@@ -190,12 +203,12 @@ class Cell:
         return s + (" *" if self.best else "") + (" †" if self.not_significant else "")
 
 
-def compare_table(groups: list[Group], metrics: list[str]) -> dict[str, dict[str, Cell]]:
+def compare_table(groups: list[Group], metrics: list[str], std: str = "sample") -> dict[str, dict[str, Cell]]:
     """label -> metric -> Cell; the best mean per metric is marked, the others tested against it."""
     table: dict[str, dict[str, Cell]] = {g.label: {} for g in groups}
     for m in metrics:
         values = {g.label: metric_values(g, m) for g in groups}
-        cells = {label: Cell(*mean_std(list(v.values())), n=len(v)) for label, v in values.items()}
+        cells = {label: Cell(*mean_std(list(v.values()), std), n=len(v)) for label, v in values.items()}
         scored = [(label, c.mean) for label, c in cells.items() if c.mean is not None]
         if scored:
             pick = min if m.split("/")[-1] in LOWER_IS_BETTER else max
@@ -220,22 +233,62 @@ def headline_metrics(groups: list[Group]) -> list[str]:
     return ordered or sorted(k for k in present if k != "acc_per_session")
 
 
+# Facts a strategy records about its decisions (``sessions[-1].strategy_info``) that compare shows
+# beside the metrics, not ranked: key -> column header.
+INFO_COLUMNS = {"tau": "τ"}
+
+
+def info_values(group: Group, key: str) -> tuple[dict[int, float], list[str]]:
+    """Seed -> the last session's ``strategy_info[key]``, and the distinct ``<key>_rule`` texts."""
+    values: dict[int, float] = {}
+    rules: list[str] = []
+    for r in group.finished:
+        info = (r.sessions[-1].get("strategy_info") or {}) if r.sessions else {}
+        v = _finite(info.get(key))
+        if v is not None:
+            values[r.seed] = v
+        rule = info.get(f"{key}_rule")
+        if rule and rule not in rules:
+            rules.append(rule)
+    return values, rules
+
+
 @dataclass
 class Comparison:
     groups: list[Group]
     metrics: list[str]
     table: dict[str, dict[str, Cell]]
     failed: list[RunRecord]
+    std: str = "sample"
+
+    def info_columns(self) -> dict[str, dict[str, tuple[Cell, list[str]]]]:
+        """key -> label -> (mean ± std cell, rules) for the :data:`INFO_COLUMNS` some group records."""
+        out: dict[str, dict[str, tuple[Cell, list[str]]]] = {}
+        for key in INFO_COLUMNS:
+            col = {}
+            for g in self.groups:
+                values, rules = info_values(g, key)
+                col[g.label] = (Cell(*mean_std(list(values.values()), self.std), n=len(values)), rules)
+            if any(c.n for c, _ in col.values()):
+                out[key] = col
+        return out
 
     def to_markdown(self) -> str:
-        lines = ["| strategy | seeds | " + " | ".join(self.metrics) + " |",
-                 "|---|---|" + "---|" * len(self.metrics)]
+        info = self.info_columns()
+        heads = self.metrics + [INFO_COLUMNS[k] for k in info]
+        lines = [f"Mean ± {STD_LABELS[self.std]} over seeds.", "",
+                 "| strategy | seeds | " + " | ".join(heads) + " |",
+                 "|---|---|" + "---|" * len(heads)]
         for g in self.groups:
             cells = [self.table[g.label][m].text() for m in self.metrics]
+            for key in info:
+                cell, rules = info[key][g.label]
+                cells.append(cell.text(4) + (f" ({'; '.join(rules)})" if rules else ""))
             lines.append(f"| {g.label} | {len(g.finished)}/{len(g.runs)} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append(
-            "Values in %, mean ± std over seeds. `*` best; `†` not significantly different from the best "
+            f"Values in %, mean ± {STD_LABELS[self.std]} over seeds. `*` best; `†` not significantly different "
+            "from the best "
             f"(two-sided paired t-test over common seeds, p ≥ {SIGNIFICANCE_LEVEL}); lower is better for "
             + ", ".join(sorted(m for m in self.metrics if m.split('/')[-1] in LOWER_IS_BETTER) or ["none shown"])
             + "."
@@ -249,16 +302,22 @@ class Comparison:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["strategy", "recipe", "metric", "mean", "std", "n", "best", "p_vs_best"])
+        w.writerow(["strategy", "recipe", "metric", "mean", "std", "n", "best", "p_vs_best", "std_convention", "rule"])
+        info = self.info_columns()
         for g in self.groups:
             for m in self.metrics:
                 c = self.table[g.label][m]
-                w.writerow([g.label, g.recipe, m, c.mean, c.std, c.n, c.best, c.p_vs_best])
+                w.writerow([g.label, g.recipe, m, c.mean, c.std, c.n, c.best, c.p_vs_best, self.std, ""])
+            for key, col in info.items():
+                c, rules = col[g.label]
+                w.writerow([g.label, g.recipe, f"info.{key}", c.mean, c.std, c.n, "", "", self.std, "; ".join(rules)])
         return buf.getvalue()
 
     def to_json(self) -> dict[str, Any]:
+        info = self.info_columns()
         return {
             "metrics": self.metrics,
+            "std": STD_LABELS[self.std],
             "significance": {"test": "paired t-test over seeds (two-sided)", "level": SIGNIFICANCE_LEVEL},
             "groups": [
                 {
@@ -268,6 +327,8 @@ class Comparison:
                     "seeds": [r.seed for r in g.finished],
                     "metrics": {m: vars(self.table[g.label][m]) for m in self.metrics},
                     "acc_per_session": [mean_std(list(v.values()))[0] for v in session_values(g, "acc")],
+                    "info": {key: {**vars(col[g.label][0]), "rules": col[g.label][1]}
+                             for key, col in info.items()},
                 }
                 for g in self.groups
             ],
@@ -276,11 +337,16 @@ class Comparison:
         }
 
 
-def compare(paths: list[str | Path], metrics: list[str] | None = None) -> Comparison:
+def compare(paths: list[str | Path], metrics: list[str] | None = None, std: str = "sample") -> Comparison:
+    """Group the runs under ``paths`` and tabulate ``metrics`` (default: the headline ones) as mean ±
+    std over seeds; ``std`` is ``"sample"`` (ddof = 1, default) or ``"population"`` (ddof = 0)."""
+    if std not in STD_CONVENTIONS:
+        raise ValueError(f"std must be one of {', '.join(STD_CONVENTIONS)}, got {std!r}")
     runs = load_runs(paths)
     groups = group_runs(runs)
     metrics = metrics or headline_metrics(groups)
-    return Comparison(groups, metrics, compare_table(groups, metrics), [r for r in runs if r.status != "finished"])
+    return Comparison(groups, metrics, compare_table(groups, metrics, std),
+                      [r for r in runs if r.status != "finished"], std)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,11 +361,12 @@ def _plt():
     return plt
 
 
-def _band(ax, groups: list[Group], metric: str, eval_set: str = "test", label_suffix: str = "") -> bool:
+def _band(ax, groups: list[Group], metric: str, eval_set: str = "test", label_suffix: str = "",
+          std: str = "sample") -> bool:
     drawn = False
     for g in groups:
         series = session_values(g, metric, eval_set)
-        pts = [(i, *mean_std(list(v.values()))) for i, v in enumerate(series) if v]
+        pts = [(i, *mean_std(list(v.values()), std)) for i, v in enumerate(series) if v]
         if not pts:
             continue
         xs = [p[0] for p in pts]
@@ -329,8 +396,9 @@ def plot(comparison: Comparison, out_dir: str | Path) -> list[Path]:
     multi = [g for g in groups if max(len(r.sessions) for r in g.finished) > 1]
     if multi:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        if _band(ax, multi, "acc"):
-            ax.set(xlabel="session", ylabel="accuracy (%)", title="Accuracy per session (mean ± std over seeds)")
+        if _band(ax, multi, "acc", std=comparison.std):
+            ax.set(xlabel="session", ylabel="accuracy (%)",
+                   title=f"Accuracy per session (mean ± {comparison.std} std over seeds)")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
             save(fig, "acc_per_session.png")
@@ -341,7 +409,7 @@ def plot(comparison: Comparison, out_dir: str | Path) -> list[Path]:
     if fscil:
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
         for ax, metric, title in zip(axes, ("acc_base", "acc_novel", "hm"), ("base classes", "novel classes", "HM")):
-            _band(ax, fscil, metric)
+            _band(ax, fscil, metric, std=comparison.std)
             ax.set(xlabel="session", ylabel="%", title=title)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)

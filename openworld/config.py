@@ -9,11 +9,21 @@ from __future__ import annotations
 import copy
 import inspect
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    Strict,
+    ValidationError,
+    create_model,
+)
 
 from openworld.registry import BACKBONES, DATASETS, SCENARIOS, STRATEGIES, RegistryError
 
@@ -23,6 +33,18 @@ _ENTRY_KEYS = {"strategy", "defaults"}
 
 class ConfigError(ValueError):
     """Invalid recipe; ``str(err)`` is the one-line message shown to the user."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Constrained parameter types for component signatures (``check_params`` reads the annotations).
+# Strict: 5.0, "5" and true are not integers (the component would get them unconverted and fail).
+# ------------------------------------------------------------------------------------------------
+PosInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+Seed32 = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]  # numpy RandomState seeds
+Bool = Annotated[bool, Strict()]
+Number = Annotated[float, Strict()]  # an int or a float (not a string, not a bool)
+OpenUnit = Annotated[float, Strict(), Field(gt=0, lt=1)]  # (0, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -294,13 +316,17 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], prefix
 # ------------------------------------------------------------------------------------------------
 # Component checks: registered names, and parameters against each component's signature
 # ------------------------------------------------------------------------------------------------
-def signature_model(func, name: str, skip: set[str] = frozenset()) -> tuple[type[BaseModel], list[str]]:
-    """A pydantic model of ``func``'s keyword parameters (types from annotations, defaults kept)."""
+def signature_model(
+    func, name: str, skip: set[str] = frozenset(), types: dict[str, Any] | None = None
+) -> tuple[type[BaseModel], list[str]]:
+    """A pydantic model of ``func``'s keyword parameters (types from annotations, constraints of
+    ``Annotated`` types included, defaults kept); ``types`` replaces the annotation of some parameters."""
     target = func.__init__ if inspect.isclass(func) else func
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolved annotations in a plugin: fall back to untyped
         hints = {}
+    hints.update(types or {})
     fields: dict[str, Any] = {}
     for p in inspect.signature(target).parameters.values():
         if p.name in ("self", *skip) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
@@ -314,8 +340,10 @@ def signature_model(func, name: str, skip: set[str] = frozenset()) -> tuple[type
     return model, list(fields)
 
 
-def check_params(func, params: dict, path: str, skip: set[str] = frozenset()) -> dict:
-    model, allowed = signature_model(func, path.replace(".", "_"), skip)
+def check_params(
+    func, params: dict, path: str, skip: set[str] = frozenset(), types: dict[str, Any] | None = None
+) -> dict:
+    model, allowed = signature_model(func, path.replace(".", "_"), skip, types)
     try:
         validated = model.model_validate(params)
     except ValidationError as exc:
@@ -324,8 +352,25 @@ def check_params(func, params: dict, path: str, skip: set[str] = frozenset()) ->
             raise ConfigError(
                 f"{path}.{err['loc'][0]}: unknown parameter; allowed: {', '.join(allowed) or '(none)'}"
             ) from None
+        union = _union_error(exc.errors())
+        if union is not None:
+            where, e = union
+            raise ConfigError(f"{path}.{'.'.join(map(str, where))} = {e.get('input')!r}: {e['msg']}") from None
         raise ConfigError(format_validation_error(exc, model, prefix=f"{path}.")) from None
     return {k: getattr(validated, k) for k in params}
+
+
+def _union_error(errors: list[dict]) -> tuple[tuple, dict] | None:
+    """A parameter typed as a union (``int | list[int]``) fails with one error per member, each
+    located under the member's tag (``('known_classes', 'constrained-int')``, ``(…, 'list[…]', 0)``).
+    Report the member that got furthest into the value (an item of a list beats "not an int"), without
+    the tag. None for any other error."""
+    first = tuple(errors[0]["loc"])
+    same = [e for e in errors if tuple(e["loc"])[:1] == first[:1]]
+    if len(same) < 2 or not all(len(e["loc"]) > 1 and isinstance(e["loc"][1], str) for e in same):
+        return None
+    best = max(same, key=lambda e: len(e["loc"]))  # the first of the deepest
+    return first[:1] + tuple(best["loc"])[2:], best
 
 
 def _get(registry, name: str, path: str):
@@ -349,16 +394,17 @@ def _check_augment(value: Any, path: str) -> None:
 
 def _check_components(recipe: Recipe) -> None:
     scenario_cls = _get(SCENARIOS, recipe.scenario.kind, "scenario.kind")
-    check_params(scenario_cls, recipe.scenario_params(), "scenario", skip={"seed"})
+    kind = getattr(scenario_cls, "kind", recipe.scenario.kind)
+    check_params(scenario_cls, recipe.scenario_params(), "scenario", skip={"seed"}, types=_scenario_types(scenario_cls))
     loader = _get(DATASETS, recipe.scenario.data.source, "scenario.data.source")
     options = {k: v for k, v in recipe.scenario.data.model_dump().items() if k not in ("source", "root", "download")}
     check_params(loader, options, "scenario.data", skip={"root", "download"})
     _check_augment(options.get("augment"), "scenario.data.augment")
+    _check_scenario_rules(scenario_cls, recipe, declared_num_classes(loader, options))
     backbone = recipe.backbone.model_dump()
     _check_pretrain(recipe, backbone.pop("pretrain", None))
     factory = _get(BACKBONES, backbone.pop("name"), "backbone.name")
     check_params(factory, backbone, "backbone", skip={"in_channels", "input_size"})
-    kind = getattr(scenario_cls, "kind", recipe.scenario.kind)
     for key, entry in recipe.strategies.items():
         where = f"strategies.{key}.strategy" if "strategy" in entry else f"strategies.{key}"
         cls = _get(STRATEGIES, entry.get("strategy", key), where)
@@ -401,3 +447,116 @@ def _check_pretrain(recipe: Recipe, in_backbone: Any) -> None:
             "leak the scenario's classes; list disjoint classes or use another source"
         )
     recipe.backbone.pretrain = section  # an extra field (BackboneConfig allows extras)
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenario rules beyond single fields
+# ------------------------------------------------------------------------------------------------
+def param_error(key: str, value: Any, allowed: str) -> ConfigError:
+    """The one-line error of a bad scenario parameter: ``scenario.<key> = <value>: <what is allowed>``."""
+    return ConfigError(f"scenario.{key} = {value!r}: {allowed}")
+
+
+def declared_num_classes(loader, options: dict) -> int | None:
+    """The class count a dataset loader declares without reading any data: its ``num_classes``
+    attribute, an int or a function of the recipe's loader options (``load_x.num_classes = 10``). None
+    when not declared: the scenario then decides its class-count rules when it reads the data (run start)."""
+    n = getattr(loader, "num_classes", None)
+    if callable(n):
+        try:
+            n = n(**options)
+        except (TypeError, ValueError):
+            return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def _with_defaults(cls, params: dict) -> dict:
+    sig = inspect.signature(cls.__init__)
+    full = {
+        p.name: p.default
+        for p in sig.parameters.values()
+        if p.name != "self" and p.default is not p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    full.update(params)
+    return full
+
+
+def _check_scenario_rules(scenario_cls, recipe: Recipe, num_classes: int | None) -> None:
+    """Cross-field rules: ``scenario_cls.check_config(params, num_classes=…, seeds=…)`` (raises
+    ``ConfigError``/``ValueError`` naming the key), or this module's stopgap for a built-in without one."""
+    check: Callable | None = getattr(scenario_cls, "check_config", None)
+    if not callable(check):
+        check = _STOPGAP_RULES.get(_qualname(scenario_cls))
+    if check is None:
+        return
+    try:
+        params = _with_defaults(scenario_cls, recipe.scenario_params())
+        check(params, num_classes=num_classes, seeds=tuple(recipe.seeds))
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _scenario_types(scenario_cls) -> dict[str, Any] | None:
+    """Constrained types for a built-in scenario whose signature is not annotated with them yet."""
+    if callable(getattr(scenario_cls, "check_config", None)):
+        return None
+    return _STOPGAP_TYPES.get(_qualname(scenario_cls))
+
+
+# FSCIL (openworld/scenarios/fscil.py) until its constructor carries these annotations and a
+# ``check_config`` classmethod (both are skipped here as soon as the class defines ``check_config``).
+_FSCIL_TYPES: dict[str, Any] = {
+    "base_classes": PosInt,
+    "ways": PosInt,
+    "shots": PosInt,
+    "num_sessions": PosInt | None,
+    "split_files": str | None,
+    "class_order": Literal["natural", "shuffled"],
+    "split_seed": NonNegInt,
+    "val_frac": OpenUnit,
+    "base_subsample": PosInt | None,
+    "test_subsample": PosInt | None,
+    "holdout_unknown": NonNegInt,
+}
+
+
+def fscil_rules(params: dict, *, num_classes: int | None = None, seeds: Sequence[int] = ()) -> None:
+    """FSCIL cross-field rules (card fscil-teen §1): index lists fix the natural class order; the
+    session layout must fit the data's C classes (less ``holdout_unknown``)."""
+    if params.get("split_files") is not None and params.get("class_order") == "shuffled":
+        late = [int(s) for s in seeds if int(s) > 0]
+        if late:
+            raise param_error(
+                "class_order", "shuffled", f"cannot be combined with split_files for seed > 0 (seeds {late}): the "
+                "index lists fix the natural class order; use class_order: natural or split_files: null"
+            )
+    if num_classes is None:
+        return
+    B, W, H, S = params["base_classes"], params["ways"], params.get("holdout_unknown") or 0, params.get("num_sessions")
+    taught = num_classes - H
+    held = f" − holdout_unknown {H}" if H else ""
+    if H >= num_classes:
+        raise param_error("holdout_unknown", H, f"must leave classes to teach; the data has {num_classes}")
+    if B > taught:
+        raise param_error("base_classes", B, f"at most {num_classes}{held} = {taught} (the data's classes)")
+    if S is None:
+        if (taught - B) % W:
+            raise param_error(
+                "ways", W, f"({num_classes} classes{held} − base_classes {B}) = {taught - B} is not a multiple of "
+                "ways; change ways or base_classes, or set num_sessions"
+            )
+    elif B + (S - 1) * W > taught:
+        raise param_error(
+            "num_sessions", S, f"base_classes {B} + (num_sessions {S} − 1) × ways {W} = {B + (S - 1) * W} classes, "
+            f"the data has {taught}{' after holdout_unknown' if H else ''}"
+        )
+
+
+_STOPGAP_TYPES = {"openworld.scenarios.fscil.FSCILScenario": _FSCIL_TYPES}
+_STOPGAP_RULES: dict[str, Callable] = {"openworld.scenarios.fscil.FSCILScenario": fscil_rules}

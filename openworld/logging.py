@@ -69,6 +69,40 @@ def hparam_value(v: Any) -> bool | int | float | str:
     return json.dumps(v, default=str)
 
 
+def truncate_events(run_dir: Path, session_start: int, train_step: int) -> int:
+    """Rewrite a run directory's TensorBoard events as they stood at the last checkpoint, for
+    ``--resume``: ``train/*`` summaries (indexed by optimiser step) up to ``train_step``, every other
+    summary (indexed by session) before ``session_start``. Returns the number of summaries kept.
+
+    (TensorBoard's ``purge_step`` drops every tag at or above one step, so it would erase the training
+    curves, whose steps are far larger than session indices.)
+    """
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    if not files:
+        return 0
+    kept: list = []
+    for f in files:
+        for raw in RawEventFileLoader(str(f)).Load():
+            ev = event_pb2.Event.FromString(raw)
+            if not ev.HasField("summary"):
+                continue  # file_version, and purge markers of older resumes: resolved here
+            is_train = all(v.tag.startswith("train/") for v in ev.summary.value)
+            if (ev.step <= train_step) if is_train else (ev.step < session_start):
+                kept.append(ev)
+    writer = EventFileWriter(str(run_dir), filename_suffix=".resumed")
+    for ev in kept:
+        writer.add_event(ev)
+    writer.close()
+    for f in files:  # the new file has a fresh name (time, pid, counter): only the old ones go
+        f.unlink()
+    return len(kept)
+
+
 class TensorBoardLogger:
     """A SummaryWriter on the run directory, created on first use (tensorboard imports lazily)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -26,10 +27,17 @@ import torch
 
 from openworld import distributed
 from openworld.cache import Cache, atomic_torch_save, atomic_write_bytes
-from openworld.config import Recipe
+from openworld.config import ConfigError, Recipe
 from openworld.data.views import batches
-from openworld.logging import TensorBoardLogger, flatten, format_table, write_json, write_metrics_csv
-from openworld.metrics import History, create_engine, harmonic_mean, mean_ci95
+from openworld.logging import (
+    TensorBoardLogger,
+    flatten,
+    format_table,
+    truncate_events,
+    write_json,
+    write_metrics_csv,
+)
+from openworld.metrics import History, NonFiniteError, create_engine, harmonic_mean, mean_ci95
 from openworld.registry import SCENARIOS
 from openworld.scenarios.base import EvalSet, Scenario
 from openworld.strategies.base import RunContext, TrainConfig, stable_hash
@@ -118,10 +126,59 @@ def environment_info(device: torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cuda": torch.version.cuda,
+        **cpu_info(),
         "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_count": os.cpu_count(),
+        "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
         "git_commit": commit,
         "argv": sys.argv,
     }
+
+
+# Recipe fields that cannot change a run's numbers (where it writes, how often it logs): left out of
+# the configuration fingerprint that ``--resume`` compares.
+# ``threads`` is left out too: a resumed run takes the thread count it started with (see Runner._run).
+FINGERPRINT_IGNORES = ("output", "log_every", "description", "threads")
+
+# environment.json fields on which CPU results depend bit for bit (thread count, instruction set).
+DETERMINISM_FIELDS = ("torch_threads", "cpu_capability", "cpu_model", "device", "torch")
+
+
+class ResumeMismatchError(ConfigError):
+    """``--resume`` found a run directory made with another configuration (one line for the CLI)."""
+
+
+def config_fingerprint(resolved: dict) -> str:
+    """The hash of everything in a run's resolved configuration that can change its numbers."""
+    return stable_hash({k: v for k, v in resolved.items() if k not in FINGERPRINT_IGNORES})
+
+
+def _config_diff(old: dict, new: dict, limit: int = 3) -> str:
+    a = {k: v for k, v in flatten(old).items() if k.split(".")[0] not in FINGERPRINT_IGNORES}
+    b = {k: v for k, v in flatten(new).items() if k.split(".")[0] not in FINGERPRINT_IGNORES}
+    keys = sorted(k for k in set(a) | set(b) if json.dumps(a.get(k), default=str) != json.dumps(b.get(k), default=str))
+    shown = [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys[:limit]]
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return "; ".join(shown) + more if shown else "the configuration fingerprint differs"
+
+
+def cpu_info() -> dict:
+    """CPU model and the instruction set torch dispatches its CPU kernels to (results on the CPU are
+    bit for bit the same only for the same thread count and instruction set)."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    return {"cpu_model": model or platform.processor() or platform.machine(), "cpu_capability": capability}
 
 
 def _finite_or_none(v: float | None) -> float | None:
@@ -145,6 +202,7 @@ class Runner:
         cache_dir: str | Path | None = None,
         stream=None,
         stop_after_session: int | None = None,
+        threads: int | None = None,
     ):
         self.recipe = recipe
         self.out = Path(out or recipe.output) / recipe.name
@@ -167,9 +225,17 @@ class Runner:
         self.cache = Cache(cache_dir or Path(out or recipe.output) / ".cache")
         self.stream = stream or sys.stdout
         self.stop_after_session = stop_after_session  # testing hook: simulates a kill after session i
+        # CPU threads, set again at the start of every run (a library may change them): results are the
+        # same bit for bit only for the same thread count (and instruction set; both in environment.json).
+        self._threads_explicit = bool(threads or getattr(recipe, "threads", None))
+        self.threads = int(threads or getattr(recipe, "threads", None) or torch.get_num_threads())
+        if self.threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {self.threads}")
         self._scenarios: dict[tuple, Scenario] = {}
         self._memo: dict = {}  # base models shared by strategies within this process
         self._roc = None  # ROC points of the last open-set evaluation (for plots)
+        self._threshold = None  # {"rule", "tau"} of the last open-set evaluation
+        self._entry = None  # the strategy entry being run (for error messages)
 
     # ------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -195,6 +261,10 @@ class Runner:
         # Load the data once up front: a missing or corrupt dataset is one clear error, not a failure
         # repeated for every (strategy, seed).
         self.scenario(self.seeds[0]).describe()
+        if self.resume:  # before anything runs: a changed recipe never resumes or skips silently
+            for entry in self.strategies:
+                for seed in self.seeds:
+                    self.check_resumable(entry, seed)
         results = [self.run_one(entry, seed) for entry in self.strategies for seed in self.seeds]
         if self.main and self.tensorboard:
             write_custom_scalars_layout(self.out, results)
@@ -210,15 +280,67 @@ class Runner:
     def run_dir(self, entry: str, seed: int) -> Path:
         return self.out / entry / f"seed{seed}"
 
+    def resolved_config(self, entry: str, seed: int) -> dict:
+        """The run's resolved configuration (``config.resolved.yaml``): the recipe with this one
+        strategy entry, the seed, the device, the thread count and the strategy's full parameters."""
+        recipe = self.recipe
+        strategy = recipe.strategy_class(entry)(**recipe.strategy_params(entry))
+        resolved = recipe.to_dict()
+        resolved["strategies"] = {entry: recipe.strategies[entry]}
+        resolved["seed"] = seed
+        resolved["device"] = str(self.device)
+        resolved["threads"] = self.threads if self.device.type == "cpu" else None
+        resolved["strategy_params"] = strategy.get_params()
+        resolved["world_size"] = self.world
+        return json.loads(json.dumps(resolved, default=str))  # the form it has once written and read back
+
+    def check_resumable(self, entry: str, seed: int) -> None:
+        """Raise :class:`ResumeMismatchError` when the run directory holds a run of another
+        configuration (compared by :func:`config_fingerprint`; runs written before fingerprints were
+        recorded are compared through their ``config.resolved.yaml``)."""
+        run_dir = self.run_dir(entry, seed)
+        results_path, config_path = run_dir / "results.json", run_dir / "config.resolved.yaml"
+        if not results_path.is_file() and not config_path.is_file():
+            return
+        current = self.resolved_config(entry, seed)
+        stored_fp, stored = None, None
+        if results_path.is_file():
+            try:
+                stored_fp = json.loads(results_path.read_text()).get("config_fingerprint")
+            except json.JSONDecodeError:
+                stored_fp = None
+        if config_path.is_file():
+            import yaml
+
+            try:
+                stored = yaml.safe_load(config_path.read_text())
+            except yaml.YAMLError:
+                stored = None
+        if stored_fp is None and stored is not None:
+            stored_fp = config_fingerprint(stored)
+        if stored_fp is None:
+            raise ResumeMismatchError(
+                f"--resume: {run_dir} has no readable configuration to compare with; "
+                "rerun without --resume to replace it, or choose another --out"
+            )
+        if stored_fp != config_fingerprint(current):
+            diff = _config_diff(stored, current) if isinstance(stored, dict) else "the configuration fingerprint differs"
+            raise ResumeMismatchError(
+                f"--resume: {run_dir} was run with another configuration ({diff}); "
+                "rerun without --resume to replace it, or choose another --out"
+            )
+
     def run_one(self, entry: str, seed: int) -> RunResult:
         run_dir = self.run_dir(entry, seed)
         results_path = run_dir / "results.json"
         if self.resume and results_path.is_file():
+            self.check_resumable(entry, seed)
             prev = json.loads(results_path.read_text())
             if prev.get("status") == "finished":
                 self.say(f"{entry} seed {seed}: already finished, skipped (--resume)")
                 return RunResult(entry, seed, "finished", run_dir, prev.get("summary", {}), prev.get("sessions", []))
         if self.main and not self.resume and run_dir.exists():
+            self.say(f"{entry} seed {seed}: replacing the earlier results in {run_dir} (--resume would continue them)")
             shutil.rmtree(run_dir)
         distributed.barrier()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,8 +350,10 @@ class Runner:
             return self._run(entry, seed, run_dir, record)
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # failure isolation: this run is marked failed, the others go on
+        except (Exception, SystemExit) as exc:  # failure isolation: this run is marked failed, the others go on
             reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, SystemExit):
+                reason = f"SystemExit({exc.code!r}): the strategy called sys.exit; only this run stops"
             if self.main:
                 atomic_write_bytes(run_dir / "error.log", traceback.format_exc().encode())
                 record.update(status="failed", reason=reason)
@@ -243,6 +367,14 @@ class Runner:
 
     def _run(self, entry: str, seed: int, run_dir: Path, record: dict) -> RunResult:
         recipe = self.recipe
+        self._entry = entry
+        threads = self.threads
+        stored_config = run_dir / "config.resolved.yaml"
+        if self.resume and not self._threads_explicit and stored_config.is_file():
+            import yaml
+
+            threads = int((yaml.safe_load(stored_config.read_text()) or {}).get("threads") or threads)
+        torch.set_num_threads(threads)
         seed_everything(seed)
         scenario = self.scenario(seed)
         description = scenario.describe()
@@ -254,17 +386,27 @@ class Runner:
         if kind not in cls.supports:
             raise ValueError(f"strategy {entry!r} does not support scenario kind {kind!r}")
 
-        resolved = recipe.to_dict()
-        resolved["strategies"] = {entry: recipe.strategies[entry]}
-        resolved["seed"] = seed
-        resolved["device"] = str(self.device)
-        resolved["strategy_params"] = strategy.get_params()
+        resolved = self.resolved_config(entry, seed)
+        if resolved["threads"] is not None:
+            resolved["threads"] = threads
+        config_fp = config_fingerprint(resolved)
         import yaml
 
-        resolved["world_size"] = self.world
         if self.main:
+            env = environment_info(self.device)
+            env_path = run_dir / "environment.json"
+            if self.resume and env_path.is_file():  # keep what the run started on; say when it differs
+                first = json.loads(env_path.read_text())
+                first = first.get("first_run", first)
+                changed = [k for k in DETERMINISM_FIELDS if first.get(k) != env.get(k) and k != "torch"]
+                if first.get("packages", {}).get("torch") != env["packages"]["torch"]:
+                    changed.append("torch version")
+                if changed:
+                    self.say(f"{entry} seed {seed}: resuming with another {', '.join(changed)} than the run "
+                             "started with; CPU numbers may differ from an uninterrupted run")
+                env["first_run"] = first
             atomic_write_bytes(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
-            write_json(run_dir / "environment.json", environment_info(self.device))
+            write_json(env_path, env)
             write_json(run_dir / "splits.json", description)
 
         # Resume: the latest finished session's checkpoint.
@@ -276,8 +418,11 @@ class Runner:
                 ckpt = torch.load(ckpt_dir / f"session_{done[-1]}.pt", map_location="cpu", weights_only=True)
                 start = done[-1] + 1
 
-        tb = self._tb = TensorBoardLogger(run_dir, purge_step=start if start else None,
-                                          enabled=self.tensorboard and self.main)
+        if ckpt is not None and self.main and self.tensorboard:
+            # Drop what the killed process logged after its last checkpoint: eval/* are indexed by session,
+            # train/* by optimiser step, so one purge step cannot serve both.
+            truncate_events(run_dir, session_start=start, train_step=int(ckpt["global_step"]))
+        tb = self._tb = TensorBoardLogger(run_dir, enabled=self.tensorboard and self.main)
         ctx = RunContext(
             device=self.device,
             seed=seed,
@@ -334,6 +479,7 @@ class Runner:
             flags=flags,
             transductive=bool(cls.transductive),
             split_fingerprint=fingerprint,
+            config_fingerprint=config_fp,
             splits={k: description[k] for k in ("index_source", "index_files", "class_order") if k in description},
             sessions=sessions_out,
         )
@@ -363,11 +509,14 @@ class Runner:
             if not self.main:
                 continue  # other ranks only train; rank 0 evaluates, logs and checkpoints
             metrics, confusion, per_class, heads, rocs, diagnostics = {}, {}, {}, {}, {}, {}
+            thresholds = {}
             for set_name, eval_set in session.eval_sets.items():
-                self._roc = None
+                self._roc, self._threshold = None, None
                 m, cm, pc, head = self.evaluate(strategy, eval_set, scenario.num_classes, features, set_name)
                 if self._roc is not None:
                     rocs[set_name] = self._roc
+                if self._threshold is not None:
+                    thresholds[set_name] = self._threshold
                 diag = {k: float(v) for k, v in strategy.eval_diagnostics().items()}  # e.g. SADE's α for this set
                 if diag:
                     diagnostics[set_name] = diag
@@ -396,6 +545,7 @@ class Runner:
                 **({"reported_head": heads} if heads else {}),
                 **({"roc": rocs} if rocs else {}),
                 **({"diagnostics": diagnostics} if diagnostics else {}),  # as the strategy reports them, not ×100
+                **({"thresholds": thresholds} if thresholds else {}),  # the engine's known/unknown decision
                 **({"strategy_info": info} if (info := strategy.run_info()) else {}),
                 "train_seconds": round(train_s, 3),
                 "eval_seconds": round(time.perf_counter() - t0 - train_s, 3),
@@ -444,6 +594,9 @@ class Runner:
         record.update(status="finished", summary=summary)
         hp = flatten({k: v for k, v in resolved.items() if k not in ("strategies",)})
         hp.update({f"strategy.{k}": v for k, v in strategy.get_params().items()})
+        # what the strategy decided while learning (e.g. a detector's τ and the rule that chose it)
+        last_info = sessions_out[-1].get("strategy_info", {}) if sessions_out else {}
+        hp.update({f"info.{k}": v for k, v in last_info.items() if isinstance(v, (bool, int, float, str))})
         hp.update(strategy=entry, scenario=kind, seed=seed, device=str(self.device), **flags)
         if "index_source" in description:
             hp["index_source"] = description["index_source"]
@@ -540,7 +693,9 @@ class Runner:
         for pred, yb in stream:
             heads = {"default": pred.logits, **(pred.alternatives or {})}
             for head, logits in heads.items():
-                logits = self._restrict(logits.float(), allowed, num_classes)
+                if logits.dtype not in (torch.float32, torch.float64):  # keep float64 (metrics.md §1)
+                    logits = logits.float()
+                logits = self._restrict(logits, allowed, num_classes)
                 if head == "default":
                     if pred.selected is not None and getattr(engine, "scores_selection", False):
                         engine.observe(logits, yb, pred.unknown_score, selected=pred.selected)
@@ -550,21 +705,37 @@ class Runner:
                     if head not in alt_engines:
                         alt_engines[head] = self._engine(eval_set, num_classes)
                     alt_engines[head].observe(logits, yb, pred.unknown_score)
-        chosen, metrics = "default", engine.compute()
-        for head, alt in alt_engines.items():  # released-code protocols only (Prediction.alternatives)
-            m = alt.compute()
-            if m["acc"] > metrics["acc"]:
+        where = f"strategy {self._entry or type(strategy).__name__!r}, eval set {set_name!r}"
+        chosen, metrics = "default", self._compute(engine, where)
+        # released-code protocols only (Prediction.alternatives): the better head by the accuracy the
+        # recipe reports (``metrics.session_acc``), e.g. TEEN's batch-mean accuracy under protocol: paper
+        key = "acc_batch_mean" if self.recipe.metrics.session_acc == "batch_mean" else "acc"
+        for head, alt in alt_engines.items():
+            m = self._compute(alt, f"{where}, head {head!r}")
+            if m.get(key, m["acc"]) > metrics.get(key, metrics["acc"]):
                 chosen, metrics, engine = head, m, alt
         if "tasks" in eval_set.options:  # class-incremental: R[t][j] from the same counts
             for j, acc in enumerate(engine.task_accuracies(eval_set.options["tasks"])):
                 metrics[f"task_{j:02d}/acc"] = acc
         if hasattr(engine, "roc_points"):
             self._roc = engine.roc_points()
+        if getattr(engine, "tau_used", None) is not None:  # open set: the decision the metrics applied
+            self._threshold = {"rule": engine.threshold_rule, "tau": float(engine.tau_used)}
         cm, per_class = engine.confusion(), engine.per_class()
         if cm is not None and eval_set.classes:
             seen = list(eval_set.classes)
             cm, per_class = cm[seen][:, seen], per_class[seen]
         return (metrics, None if cm is None else cm.tolist(), None if per_class is None else per_class.tolist(), chosen)
+
+    @staticmethod
+    def _compute(engine, where: str) -> dict:
+        """``engine.compute()``; non-finite outputs fail the run with a reason naming the strategy and set."""
+        try:
+            return engine.compute()
+        except NonFiniteError as exc:
+            err = NonFiniteError(exc.what, exc.rows, exc.total, exc.detail, exc.note)
+            err.args = (f"{where}: {exc}",)
+            raise err from None
 
     @staticmethod
     def _restrict(logits, allowed, num_classes: int):
@@ -693,4 +864,4 @@ def summary_table(results: list[RunResult], kind: str, episodic: bool = False) -
     title = "Session accuracy (%, test) and summary" if n_sessions else "Summary (%)"
     if episodic:
         title = "Means over episodes (%; with one seed, ± the 95 % interval over episodes)"
-    return format_table(headers, rows, title=f"{title} — mean±std over seeds")
+    return format_table(headers, rows, title=f"{title} — mean±std over seeds (sample std, ddof = 1)")

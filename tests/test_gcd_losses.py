@@ -110,6 +110,99 @@ def test_t6_supcon():
     assert float(supcon_loss(p, y)) == pytest.approx(float(supcon_reference(p, y, 0.07, 0.07)), abs=1e-9)
 
 
+def supcon_numpy_loop(proj: np.ndarray, labels, tau: float, tau_b: float) -> float:
+    """The official SupCon (Khosla et al.; HobbitLong/SupContrast ``SupConLoss``, contrast_mode 'all'),
+    by plain loops in float64: anchor a over every row, denominator over every j ≠ a (positives
+    included), mean over the positives p ≠ a; an anchor without a positive contributes 0 and still
+    counts in the mean over anchors (the official code's edge-case fix: it divides by max(|P(a)|, 1))."""
+    f = np.asarray(proj, dtype=np.float64)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    labels = [int(v) for v in labels]
+    n = len(f)
+    total = 0.0
+    for a in range(n):
+        denom = sum(math.exp(float(f[a] @ f[j]) / tau) for j in range(n) if j != a)
+        pos = [p for p in range(n) if p != a and labels[p] == labels[a]]
+        if not pos:
+            continue  # 0 for this anchor
+        mean_log_prob = sum(float(f[a] @ f[p]) / tau - math.log(denom) for p in pos) / len(pos)
+        total += -(tau / tau_b) * mean_log_prob
+    return total / n
+
+
+def official_supcon(features: torch.Tensor, labels: torch.Tensor, temperature=0.07, base_temperature=0.07):
+    """HobbitLong/SupContrast ``losses.py`` ``SupConLoss.forward`` (master), contrast_mode 'all', on
+    normalised ``features`` [bsz, n_views, d] — the function SimGCD's ``model.py`` copies."""
+    batch_size = features.shape[0]
+    mask = torch.eq(labels.view(-1, 1), labels.view(-1, 1).T).to(features.dtype)
+    contrast_count = features.shape[1]
+    contrast_feature = torch.cat(torch.unbind(features, dim=1), dim=0)
+    anchor_feature, anchor_count = contrast_feature, contrast_count
+    anchor_dot_contrast = torch.div(torch.matmul(anchor_feature, contrast_feature.T), temperature)
+    logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+    logits = anchor_dot_contrast - logits_max.detach()
+    mask = mask.repeat(anchor_count, contrast_count)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size * anchor_count).view(-1, 1), 0)
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mask_pos_pairs = mask.sum(1)
+    mask_pos_pairs = torch.where(mask_pos_pairs < 1e-6, 1, mask_pos_pairs)
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask_pos_pairs
+    loss = -(temperature / base_temperature) * mean_log_prob_pos
+    return loss.view(anchor_count, batch_size).mean()
+
+
+# label layouts per image; ``views`` = 2 stacks both views view-major, as the strategy passes them
+SUPCON_LAYOUTS = {
+    "mixed_two_views": ([0, 2, 1, 0, 2, 2, 1, 0], 2),
+    "all_one_class_two_views": ([3] * 8, 2),
+    "all_one_class_one_view": ([1] * 10, 1),
+    "singleton_classes_two_views": ([0, 1, 1, 2, 3, 3, 4], 2),
+    "singletons_without_positives": ([0, 1, 1, 2, 3, 4, 4, 5], 1),
+    "no_positive_at_all": ([0, 1, 2, 3, 4], 1),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SUPCON_LAYOUTS))
+@pytest.mark.parametrize("tau, tau_b", [(0.07, 0.07), (0.1, 0.07)])
+def test_supcon_equals_the_official_definition(layout, tau, tau_b):
+    per_image, views = SUPCON_LAYOUTS[layout]
+    g = torch.Generator().manual_seed(len(per_image) * 10 + views)
+    n_img = len(per_image)
+    raw = torch.randn(n_img, views, 6, generator=g, dtype=T)
+    proj = torch.cat(torch.unbind(raw, dim=1))  # view-major rows
+    labels = torch.tensor(per_image).repeat(views)
+    expected = supcon_numpy_loop(proj.numpy(), labels.tolist(), tau, tau_b)
+    official = float(official_supcon(F.normalize(raw, dim=-1), torch.tensor(per_image), tau, tau_b))
+    assert official == pytest.approx(expected, abs=1e-9)  # the loop reference is the official code
+    assert float(supcon_loss(proj, labels, tau, tau_b)) == pytest.approx(expected, abs=1e-6)
+    assert float(supcon_loss(proj.float(), labels, tau, tau_b)) == pytest.approx(expected, abs=1e-4)
+    if layout.startswith("all_one_class"):
+        # no negative pair: the library's SupConLoss returns 0, the official one does not
+        assert expected > 1.0
+
+
+def test_supcon_gradient_equals_the_official_one():
+    g = torch.Generator().manual_seed(7)
+    for per_image in ([0, 2, 1, 0, 2, 2, 1, 0], [5] * 6):
+        raw = torch.randn(len(per_image), 2, 5, generator=g, dtype=T)
+        a = raw.clone().requires_grad_(True)
+        supcon_loss(torch.cat(torch.unbind(a, dim=1)), torch.tensor(per_image).repeat(2)).backward()
+        b = raw.clone().requires_grad_(True)
+        official_supcon(F.normalize(b, dim=-1), torch.tensor(per_image)).backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-9)
+
+
+def test_supcon_degenerate_batches_are_zero_and_finite():
+    # one row: no j ≠ a at all (the official code gives NaN there); ours 0 with a zero, finite gradient
+    for n in (0, 1):
+        p = torch.randn(n, 4, dtype=T, requires_grad=True)
+        loss = supcon_loss(p, torch.zeros(n, dtype=torch.long))
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and bool(torch.isfinite(p.grad).all()) and float(p.grad.abs().sum()) == 0.0
+
+
 Z7 = torch.tensor([[.60, .40, .35, .30], [.30, .20, .60, .25], [.50, .45, .40, .35], [.20, .30, .25, .65]],
                   dtype=T)
 

@@ -82,6 +82,7 @@ def test_dafsos_episode_layout_and_hidden_labels():
         draws.add(tuple(ep["known"]))
         assert s.classes.seen == (0, 1, 2) and s.validation is None
         assert sorted(s.labeled.targets.tolist()) == [0, 0, 1, 1, 2, 2]
+        assert list(s.eval_sets) == ["episodes"]  # card §8: DA-FSOS has `episodes` only (no target_known)
         q = s.eval_sets["episodes"]
         assert q.task == "open_set" and q.options["known_classes"] == [0, 1, 2]
         assert q.options["unknown_classes"] == [3, 4] and len(q.data) == 25

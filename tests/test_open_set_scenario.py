@@ -135,6 +135,37 @@ def test_target_shots_support_is_disjoint_from_queries():
     assert not sup_rows & q_rows
 
 
+
+def test_target_known_eval_set_holds_exactly_the_known_target_rows():
+    """Card §8: eval sets ``target`` (all target samples), ``target_known``, ``source_val``. ``target_known``
+    is the known-class part of the scored target set, classified over the known classes (metrics.md §3:
+    ``acc``, ``acc_balanced``, ``per_class_acc``; its ``acc`` is the ``closed_acc`` of ``target``)."""
+    sc = OpenSetScenario(data={"source": "tiny_rgb_test"}, known_classes=[1, 3], unknown_classes=[4, 0],
+                         corruptions=["clean", "contrast:5"], target_per_class=6, seed=2)
+    for index in range(sc.num_sessions):
+        s = sc.session(index)
+        assert list(s.eval_sets) == ["target", "target_known", "source_val"]
+        tgt, tk = s.eval_sets["target"], s.eval_sets["target_known"]
+        assert tk.task == "classification" and tk.classes == (0, 1) and tk.groups == {} and tk.options == {}
+        t_rows, t_y = tgt.data.origin[1].numpy(), tgt.data.targets.numpy()
+        k_rows, k_y = tk.data.origin[1].numpy(), tk.data.targets.numpy()
+        np.testing.assert_array_equal(k_rows, t_rows[t_y < 2])  # exactly the known-class rows, same order
+        np.testing.assert_array_equal(k_y, t_y[t_y < 2])
+        assert np.bincount(k_y).tolist() == [6, 6]
+        torch.testing.assert_close(tk.data.x, tgt.data.x[torch.as_tensor(t_y < 2)])  # same (corrupted) pixels
+        assert tk.data.origin[0] is tgt.data.origin[0]  # one root: the runner's feature cache is shared
+    assert sc.describe()["sizes"]["target_known"] == 12
+
+
+def test_target_known_excludes_the_labelled_target_support():
+    sc = OpenSetScenario(data={"source": "tiny_rgb_test"}, known_classes=2, corruptions=["clean"], target_shots=3,
+                         seed=1)
+    s = sc.session(0)
+    known = s.eval_sets["target_known"].data
+    assert len(known) == 24 - 6 and np.bincount(known.targets.numpy()).tolist() == [9, 9]
+    assert not set(known.origin[1].tolist()) & set(s.info["target_support"].origin[1].tolist())
+    assert s.info["num_target_known"] == 18
+
 def test_scenario_errors():
     base = {"data": {"source": "tiny_rgb_test"}}
     with pytest.raises(ValueError, match="dafsos"):

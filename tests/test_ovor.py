@@ -91,6 +91,68 @@ def test_v2_lr_factor(K, e, released, nominal):
     assert lr_factor(e, K, "nominal") == pytest.approx(nominal, abs=1e-6)
 
 
+# Released scheduler (CODA-Prompt's utils/schedulers.py, kept by the OVOR release) and the released
+# per-task loop (learners/default.py ``train``): regular and warm-up epochs step it only at epoch
+# counter e > 0, VOR epochs at every epoch. An independent reference for the per-epoch LR factors.
+def _released_lr_factors(E: tuple[int, int, int], task: int) -> list[float]:
+    E_w, E_r, E_v = E
+    K = E_w + E_r + E_v
+
+    class _Cosine:  # _LRScheduler.__init__ calls step(0) (lr = g(0)), then sets last_epoch = -1
+        def __init__(self):
+            self.lr, self.last_epoch = math.cos(0.0), -1
+
+        def step(self):
+            self.last_epoch += 1
+            self.lr = math.cos((99 * math.pi * self.last_epoch) / (200 * (K - 1)))
+
+    sched, lrs, start = _Cosine(), [], 0
+    if task > 0:
+        for e in range(E_w):
+            if e > 0:
+                sched.step()
+            lrs.append(sched.lr)
+        start = E_w
+    for e in range(start, start + E_r):
+        if e > 0:
+            sched.step()
+        lrs.append(sched.lr)
+    for _ in range(E_v):
+        sched.step()
+        lrs.append(sched.lr)
+    return lrs
+
+
+def test_v2_released_lr_no_lag_without_regular_epochs():
+    """E = (E_w, E_r, E_v) = (0, 0, 3): K = 3 epochs, all VOR. The released VOR epoch steps the scheduler
+    at epoch 0 too, so there is no lag: factors g(0), g(1), g(2) = 1, cos(99π/400), cos(99π/200)."""
+    expected = [1.0, 0.712639, 0.015707]
+    exact = [1.0, math.cos(99 * math.pi / 400), math.cos(99 * math.pi / 200)]
+    assert exact == pytest.approx(expected, abs=1e-6)
+    assert _released_lr_factors((0, 0, 3), 0) == pytest.approx(exact, abs=1e-12)
+    got = [lr_factor(e, 3, "released", first_epoch_vor=True) for e in range(3)]
+    assert got == pytest.approx(exact, abs=1e-12)
+    # the nominal schedule has no lag anyway; with a regular epoch first the lag stays
+    assert [lr_factor(e, 3, "nominal", first_epoch_vor=True) for e in range(3)] == pytest.approx(exact, abs=1e-12)
+    assert [lr_factor(e, 3, "released") for e in range(3)] == pytest.approx([1.0, 1.0, exact[1]], abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "E, task",
+    [((0, 0, 3), 0), ((0, 0, 3), 1), ((0, 2, 1), 0), ((0, 16, 4), 1), ((2, 0, 3), 0), ((2, 0, 3), 1),
+     ((2, 1, 2), 0), ((2, 1, 2), 1), ((0, 3, 0), 0), ((0, 1, 1), 0)],  # K = 1: the released g divides by 0
+)
+def test_v2_strategy_lr_matches_the_released_loop(monkeypatch, E, task):
+    """The LR each epoch of ``OVOR.learn`` runs at == the released scheduler in the released loop."""
+    seen = []
+    monkeypatch.setattr(OVOR, "_vor_epoch", lambda self, data, s, e, opt, gen, epoch, lr: seen.append(lr))
+    monkeypatch.setattr(OVOR, "_ce_epoch", lambda self, data, s, e, opt, gen, epoch, lr, *a, **k: seen.append(lr))
+    strat, ctx = _strategy(epochs_warmup=E[0], epochs_regular=E[1], epochs_vor=E[2], lr=1.0)
+    ctx.start_session(task)
+    strat.learn(_session(task))
+    assert seen == pytest.approx(_released_lr_factors(E, task), abs=1e-12)
+
+
 def test_lr_factor_errors():
     assert lr_factor(0, 1) == 1.0
     with pytest.raises(ValueError, match="outside"):

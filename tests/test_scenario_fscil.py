@@ -525,3 +525,47 @@ def test_subsampling(monkeypatch):
     for c in range(20):
         pool = [x for x in range(len(test_labels)) if test_labels[x] == c]
         assert [x for x in rows if test_labels[x] == c] == pick(pool, 4, "test_sub", 0, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# Oracle data (card §2.1, ``joint.data: full``): the full training set of each session's new classes
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw", [{}, {"base_subsample": 12}, {"class_order": "shuffled", "seed": 3}, {"holdout_unknown": 2}]
+)
+def test_oracle_is_every_training_row_of_the_new_classes(monkeypatch, kw):
+    scenario, source = _scenario(monkeypatch, **kw)
+    train_labels = source.train.targets.numpy()
+    order = scenario.class_order_list  # order[k] = original class of scenario class k
+    val_rows = set(_rows(scenario.session(0).validation))
+    sessions = list(scenario.sessions())
+    assert sessions[0].oracle is None  # the base session: nothing beyond its labelled data (validation held out)
+    covered = set()
+    for s in sessions[1:]:
+        new_original = {order[c] for c in s.classes.new}
+        expected = [x for x in range(len(train_labels)) if int(train_labels[x]) in new_original]
+        assert len(expected) == 30 * len(s.classes.new)  # all 30 training images per class, none held out
+        assert _rows(s.oracle) == expected  # exactly those rows, ascending
+        assert s.oracle.targets.tolist() == [order.index(int(train_labels[x])) for x in expected]
+        assert set(s.oracle.targets.tolist()) == set(s.classes.new)
+        assert set(_rows(s.labeled)) < set(expected)  # the shots are among them
+        assert not set(expected) & val_rows  # disjoint from the base-session selection set
+        covered |= set(expected)
+    if kw.get("holdout_unknown"):  # never-taught classes never reach the oracle
+        held = {order[c] for c in range(20 - kw["holdout_unknown"], 20)}
+        assert not {int(train_labels[x]) for x in covered} & held
+
+
+def test_visible_hides_the_oracle_unless_asked(monkeypatch):
+    scenario, _ = _scenario(monkeypatch)
+    s = scenario.session(2)
+    assert s.oracle is not None
+    assert s.visible().oracle is None  # default: a strategy never sees it
+    v = s.visible(oracle=True)
+    assert _rows(v.oracle) == _rows(s.oracle) and torch.equal(v.oracle.targets, s.oracle.targets)
+    assert v.oracle.origin[1] is None and v.eval_sets == {}  # detached from the source, like labeled
+    assert len(v.labeled) == len(s.labeled) == 6  # the shots are unchanged
+    assert scenario.session(0).visible(oracle=True).oracle is None
+    # a session built without oracle data (every other scenario) is unaffected
+    plain = Session(index=0, name="x", classes=s.classes, labeled=s.labeled)
+    assert plain.oracle is None and plain.visible(oracle=True).oracle is None

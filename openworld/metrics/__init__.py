@@ -5,6 +5,7 @@ fractions (×100 happens at logging time) and NaN where a value is undefined.
 """
 
 from .classification import (
+    NonFiniteError,
     accuracy,
     balanced_accuracy,
     confusion_counts,
@@ -103,6 +104,7 @@ __all__ = [
     "ENGINES",
     "History",
     "MetricsEngine",
+    "NonFiniteError",
     "create_engine",
     "mean_ci95",
     "register_engine",

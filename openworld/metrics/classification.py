@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "NonFiniteError",
     "accuracy",
     "balanced_accuracy",
     "confusion_counts",
@@ -30,6 +31,62 @@ __all__ = [
     "target_rank",
     "topk_accuracy",
 ]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+LOGITS_DETAIL = "NaN, +inf or all -inf"
+
+
+class NonFiniteError(ValueError):
+    """A strategy's outputs hold non-finite values, so the metrics would be silently wrong.
+
+    Attributes:
+        what: the offending input, e.g. ``"logits"`` or ``"unknown_score"``.
+        rows: the number of (scored) rows holding a non-finite value.
+        total: the number of (scored) rows seen.
+
+    For logits a row is bad when it holds a NaN or a ``+inf``, or when every entry is ``-inf`` (no
+    finite class score). Rows with some ``-inf`` entries are legitimate: the runner pads absent
+    classes and masks classes outside the eval set with ``-inf``. For scores any NaN or ``±inf`` is
+    bad. The message reads e.g. ``"non-finite logits in 2 of 3 rows (NaN, +inf or all -inf); the
+    strategy produced invalid outputs"``.
+    """
+
+    def __init__(self, what: str, rows: int, total: int, detail: str = "NaN or inf",
+                 note: str = "the strategy produced invalid outputs"):
+        self.what, self.rows, self.total = str(what), int(rows), int(total)
+        self.detail, self.note = str(detail), str(note)
+        super().__init__(f"non-finite {self.what} in {self.rows} of {self.total} rows ({self.detail}); {self.note}")
+
+    def __reduce__(self):  # picklable (the default would call __init__ with the message only)
+        return type(self), (self.what, self.rows, self.total, self.detail, self.note)
+
+
+def _nonfinite_rows_t(z: torch.Tensor) -> torch.Tensor:
+    """Bool [N]: the row holds a NaN or ``+inf``, or has no finite entry (all ``-inf``).
+
+    A 1-D input is a score per row: any NaN or ``±inf`` is bad. Element-wise, no host sync.
+    """
+    fin = torch.isfinite(z)
+    if z.dim() == 1:
+        return ~fin
+    bad = (~(fin | (z == -math.inf))).any(dim=1)
+    if z.shape[1]:
+        bad = bad | ~fin.any(dim=1)
+    return bad
+
+
+def _raise_if_nonfinite_logits(z: torch.Tensor, rows: torch.Tensor | None = None,
+                               note: str = "such rows cannot be ranked") -> None:
+    """One-shot check (one read-back): :class:`NonFiniteError` for the bad rows among ``rows``."""
+    bad = _nonfinite_rows_t(z)
+    if rows is not None:
+        bad = bad & rows
+    nbad = int(bad.sum())
+    if nbad:
+        total = int(rows.sum()) if rows is not None else int(z.shape[0])
+        raise NonFiniteError("logits", nbad, total, LOGITS_DETAIL, note)
 
 
 # -- input conversion ------------------------------------------------------------------------------
@@ -144,9 +201,19 @@ def target_rank(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ``rank_y = #{c: z_c > z_y} + #{c < y: z_c == z_y}``: exact ties go to the lower class id, as with
     ``torch.argmax``. A sample is top-k correct iff ``rank_y < k``. Labels outside ``0…C-1`` get an
     arbitrary rank; mask them yourself (the callers here do).
+
+    Raises :class:`NonFiniteError` if a row holds a NaN or ``+inf`` or has no finite entry (a NaN row
+    would otherwise get rank 0, a hit); rows with some ``-inf`` entries are fine. This check reads
+    one count back to the host; the engine uses the unchecked device form.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, C], got shape {tuple(logits.shape)}")
+    _raise_if_nonfinite_logits(logits)
+    return _target_rank_t(logits, y)
+
+
+def _target_rank_t(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`target_rank` without the finiteness check (device only, no sync)."""
     c = logits.shape[1]
     yc = y.clamp(0, max(c - 1, 0))
     zy = logits.gather(1, yc.unsqueeze(1))
@@ -159,7 +226,7 @@ def target_rank(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _topk_hits_t(logits: torch.Tensor, y: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     """Number of top-k correct samples per k in ``ks`` (int64 [len(ks)]), invalid labels excluded."""
     valid = (y >= 0) & (y < logits.shape[1])
-    rank = target_rank(logits, y)
+    rank = _target_rank_t(logits, y)
     hits = (rank.unsqueeze(0) < ks.unsqueeze(1)) & valid.unsqueeze(0)
     return hits.sum(dim=1)
 
@@ -219,6 +286,8 @@ def topk_accuracy(logits, y, k: int) -> float:
 
     Samples with a label outside ``0…C-1`` (C = number of logit columns) are ignored; NaN when no
     sample remains. Exact ties go to the lower class id, so top-1 equals ``argmax == y``.
+    Float64 logits stay float64 (fp16/bf16 are up-cast to float32). Raises :class:`NonFiniteError`
+    if a scored row (valid label) holds a NaN or ``+inf`` or only ``-inf`` entries.
     """
     z = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
     if z.dtype in (torch.float16, torch.bfloat16):
@@ -229,6 +298,7 @@ def topk_accuracy(logits, y, k: int) -> float:
     if int(k) < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     valid = (yt >= 0) & (yt < z.shape[1])
+    _raise_if_nonfinite_logits(z, valid)
     hits = _topk_hits_t(z, yt, torch.tensor([int(k)], device=z.device))
     return float(hits[0].to(torch.float64) / valid.sum().to(torch.float64))
 

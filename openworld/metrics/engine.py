@@ -6,7 +6,10 @@
   (rows = true class; the last column counts predictions outside 0…K-1) and ``buf[K(K+1)]`` is the
   trash bin for samples whose label is -1 or out of range. Each :meth:`~MetricsEngine.update` does
   exactly one integer ``scatter_add_`` into it.
-- ``aux``: int64 ``[top-k hits per k…, batches without logits, valid samples]``.
+- ``aux``: int64 ``[top-k hits per k…, batches without logits, valid samples, bad logit rows, checked
+  rows]``. Whenever ``logits`` are given, the rows with a valid label whose logits hold a NaN or
+  ``+inf`` or only ``-inf`` entries are counted (element-wise, no sync); :meth:`~MetricsEngine.compute`
+  reads that count in its one transfer and raises :class:`NonFiniteError` when it is > 0.
 - ``chunk``: correct counts per consecutive chunk of ``chunk_size`` valid samples (TEEN's batch-mean
   accuracy, spec §5 compat). A sample's chunk is ``(valid samples before it) // chunk_size``, computed
   on the device from a running count, so hidden-label padding anywhere in the stream does not shift
@@ -28,19 +31,22 @@ import torch
 
 from . import continual as _cl
 from .classification import (
+    LOGITS_DETAIL,
+    NonFiniteError,
     _accuracy_t,
     _as_long_1d,
     _balanced_t,
     _class_mask,
     _harmonic_t,
     _masked_mean_t,
+    _nonfinite_rows_t,
     _per_class_t,
     _support_t,
     _topk_hits_t,
     flat_confusion_index,
 )
 
-__all__ = ["ENGINES", "History", "MetricsEngine", "create_engine", "mean_ci95", "register_engine"]
+__all__ = ["ENGINES", "History", "MetricsEngine", "NonFiniteError", "create_engine", "mean_ci95", "register_engine"]
 
 # Engine kinds by EvalSet.task. Each engine takes ``num_classes`` and ``device`` plus its own keyword
 # options, and implements ``observe(logits, targets, unknown_score=None)`` (one batch, no host sync),
@@ -127,7 +133,8 @@ class MetricsEngine:
         self._buf = torch.zeros(k * (k + 1) + 1, dtype=torch.int64, device=dev)
         self._ks = torch.tensor(self.topk, dtype=torch.int64, device=dev)
         self._nk = len(self.topk)
-        self._aux = torch.zeros(self._nk + 2, dtype=torch.int64, device=dev)  # [hits…, no_logits, n_valid]
+        # [hits…, no_logits, n_valid, bad logit rows, checked rows]
+        self._aux = torch.zeros(self._nk + 4, dtype=torch.int64, device=dev)
         n0 = int(num_samples) if num_samples else 0
         nchunks = -(-n0 // self.chunk_size) if (self.chunk_size and n0) else 1
         self._chunk = torch.zeros(max(nchunks, 1), dtype=torch.int64, device=dev)
@@ -161,16 +168,19 @@ class MetricsEngine:
         self._buf.scatter_add_(0, idx, torch.ones_like(idx))  # the one integer scatter-add
 
         valid = (y >= 0) & (y < k)
-        if self._nk:
-            if logits is None:
-                self._aux[self._nk] += 1
-            else:
-                z = logits.to(dev)
-                if z.dim() != 2 or z.shape[0] != b or z.shape[1] != k:
-                    raise ValueError(f"logits must be [B, K] = [{b}, {k}], got {tuple(z.shape)}")
-                if z.dtype in (torch.float16, torch.bfloat16):
-                    z = z.float()
+        if logits is not None:
+            z = logits.to(dev)
+            if z.dim() != 2 or z.shape[0] != b or (self._nk and z.shape[1] != k):
+                raise ValueError(f"logits must be [B, K] = [{b}, {k}], got {tuple(z.shape)}")
+            if z.dtype in (torch.float16, torch.bfloat16):
+                z = z.float()  # float32/float64 logits keep their dtype
+            # rows with a valid label whose logits are unusable (NaN, +inf, all -inf): counted, no sync
+            bad = _nonfinite_rows_t(z) & valid
+            self._aux[self._nk + 2 :] += torch.stack([bad.sum(), valid.sum()])
+            if self._nk:
                 self._aux[: self._nk] += _topk_hits_t(z, y, self._ks)
+        elif self._nk:
+            self._aux[self._nk] += 1
 
         if self.chunk_size is not None and b:
             self._ensure_chunks(self._offset + b)
@@ -259,9 +269,21 @@ class MetricsEngine:
                 names = list(self.groups)
                 vals.append(_harmonic_t(gvals[names.index("base")], gvals[names.index("novel")]))
         vals.append(n)
+        vals += list(self._nonfinite_t().unbind())
         host = torch.stack([v.to(device=self.device, dtype=f64) for v in vals]).cpu().tolist()
+        self._raise_nonfinite(host.pop(-2), host.pop())
         self.num_samples = int(host.pop())
         return dict(zip(self.metric_names(), host))
+
+    def _nonfinite_t(self) -> torch.Tensor:
+        """int64 [2] on the device: (rows with unusable logits, rows checked). Append it to the values
+        of the one host transfer and pass the two numbers to :meth:`_raise_nonfinite`."""
+        return self._aux[self._nk + 2 : self._nk + 4]
+
+    @staticmethod
+    def _raise_nonfinite(bad: float, checked: float) -> None:
+        if bad > 0:
+            raise NonFiniteError("logits", int(bad), int(checked), LOGITS_DETAIL)
 
     def _batch_mean_t(self) -> torch.Tensor:
         n = self._aux[self._nk + 1]
@@ -293,7 +315,7 @@ class MetricsEngine:
         return _cl.task_accuracies(self.counts(), task_classes)
 
     def reset(self) -> None:
-        """Zero every count; the engine is ready for the next evaluation."""
+        """Zero every count (the non-finite row counters included); ready for the next evaluation."""
         self._buf.zero_()
         self._aux.zero_()
         self._chunk.zero_()

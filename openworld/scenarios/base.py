@@ -1,8 +1,9 @@
 """Scenario, Session, EvalSet, ClassInfo — what every setting yields — and split hashing.
 
 A scenario turns data sources into a sequence of sessions. The runner hands a strategy only
-``session.visible()``: the same session without its evaluation sets, whose unlabelled part carries
-targets of -1 by construction (see :meth:`openworld.data.views.TensorData.hide_labels`).
+``session.visible()``: the same session without its evaluation sets and without oracle data
+(``Session.oracle``, kept only by ``visible(oracle=True)``), whose unlabelled part carries targets of -1
+by construction (see :meth:`openworld.data.views.TensorData.hide_labels`).
 """
 
 from __future__ import annotations
@@ -75,12 +76,16 @@ class Session:
     validation: Data | None = None  # labelled, carved from training data: for model selection
     eval_sets: dict[str, EvalSet] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # Oracle data, labelled: training data the protocol withholds (FSCIL: every training image of the
+    # session's new classes, for ``joint`` with ``data: full``). Only ``visible(oracle=True)`` keeps it.
+    oracle: Data | None = None
 
-    def visible(self) -> Session:
+    def visible(self, oracle: bool = False) -> Session:
         """The session as a strategy may see it.
 
         No evaluation sets; unlabelled targets all -1; no dataset keeps a link (``origin``) to the
-        full source it was cut from, whose targets would include hidden labels.
+        full source it was cut from, whose targets would include hidden labels. No oracle data unless
+        ``oracle=True``: the runner passes ``strategy.uses_oracle_data()`` and flags such runs.
         """
         unlabeled = self.unlabeled.hide_labels() if self.unlabeled is not None else None
         info = {k: _detached(v) for k, v in self.info.items()}
@@ -91,6 +96,7 @@ class Session:
             unlabeled=unlabeled,
             validation=_detached(self.validation),
             info=info,
+            oracle=_detached(self.oracle) if oracle else None,
         )
 
 

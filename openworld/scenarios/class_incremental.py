@@ -20,13 +20,14 @@ Everything is computed lazily on first use and cached; the constructor only stor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from openworld.config import Bool, ConfigError, NonNegInt, PosInt, param_error
 from openworld.registry import DATASETS, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
 from openworld.scenarios.fscil import _jsonable, _labels, _rows_by_class, class_order, pick
@@ -113,13 +114,13 @@ class ClassIncrementalScenario(Scenario):
         self,
         *,
         data: dict,
-        num_tasks: int = 10,
-        first_task_classes: int | None = None,
+        num_tasks: PosInt = 10,
+        first_task_classes: PosInt | None = None,
         class_order: Literal["shuffled", "natural"] = "shuffled",
-        train_per_class: int | None = None,
-        test_per_class: int | None = None,
-        split_seed: int = 0,
-        task_aware: bool = False,
+        train_per_class: PosInt | None = None,
+        test_per_class: PosInt | None = None,
+        split_seed: NonNegInt = 0,
+        task_aware: Bool = False,
         seed: int = 0,
     ):
         self.data = dict(data)
@@ -136,6 +137,35 @@ class ClassIncrementalScenario(Scenario):
         self._views_cache = None
         self._input_shape: tuple[int, ...] | None = None
 
+    @classmethod
+    def check_config(cls, params: dict, *, num_classes: int | None = None, seeds: Sequence[int] = ()) -> None:
+        """Cross-field rules (``openworld validate``, and again when the data is read): the C classes
+        must split into ``num_tasks`` equal tasks, or a first task of ``first_task_classes`` and
+        ``num_tasks − 1`` equal ones. Raises :class:`ConfigError` naming the key."""
+        if num_classes is None:
+            return
+        C, T, f = int(num_classes), params["num_tasks"], params.get("first_task_classes")
+        if f is None:
+            if T > C:
+                raise param_error("num_tasks", T, f"at most the {C} classes of the data (one class per task)")
+            if C % T:
+                divisors = [d for d in range(1, C + 1) if C % d == 0]
+                raise param_error(
+                    "num_tasks", T, f"the {C} classes do not split into {T} equal tasks; use a divisor of {C} "
+                    f"({', '.join(map(str, divisors))}) or set first_task_classes"
+                )
+            return
+        if not 1 <= f <= C:
+            raise param_error("first_task_classes", f, f"must be in 1…{C} (the data has {C} classes)")
+        if T == 1:
+            if f != C:
+                raise param_error("first_task_classes", f, f"one task must hold all {C} classes (num_tasks is 1)")
+            return
+        if C == f or (C - f) % (T - 1):
+            raise param_error(
+                "first_task_classes", f, f"{C} classes − {f} = {C - f} do not split into num_tasks − 1 = {T - 1} "
+                "equal tasks"
+            )
 
     def _validate_params(self) -> None:
         if not isinstance(self.data, dict) or not self.data.get("source"):
@@ -168,7 +198,8 @@ class ClassIncrementalScenario(Scenario):
         kept: list[int] = []
         for c, rows in _rows_by_class(labels).items():
             if len(rows) < n:
-                raise ValueError(f"scenario: class {c} has {len(rows)} {tag} samples, {n} per class requested")
+                key = "train_per_class" if tag == "training" else "test_per_class"
+                raise param_error(key, n, f"class {c} has only {len(rows)} {tag} samples")
             kept.extend(pick(rows, n, "cil", self.split_seed, c))
         return np.asarray(sorted(kept), dtype=np.int64)
 
@@ -179,6 +210,7 @@ class ClassIncrementalScenario(Scenario):
         train_labels, test_labels = _labels(src.train), _labels(src.test)
         classes = list(getattr(src, "classes", None) or [])
         C = len(classes) if classes else int(max(train_labels.max(), test_labels.max())) + 1
+        self.check_config(self.get_params(), num_classes=C)
         tasks = task_layout(C, self.num_tasks, self.first_task_classes)
         order = cil_class_order(C, int(self.seed), self.class_order)
         mapping = np.empty(C, dtype=np.int64)
@@ -191,7 +223,7 @@ class ClassIncrementalScenario(Scenario):
         train_rows = [np.sort(train_keep[task_of[new_train] == t]) for t in range(len(tasks))]
         for t, rows in enumerate(train_rows):
             if len(rows) == 0:
-                raise ValueError(f"scenario: task {t} has no training samples")
+                raise ConfigError(f"scenario: task {t} has no training samples (its classes {tasks[t]} have none)")
         test_keep = self._subsample(test_labels, self.test_per_class, "test")
         new_test = mapping[test_labels[test_keep]]
         perm = np.lexsort((test_keep, new_test))

@@ -37,11 +37,13 @@ import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from openworld.config import NonNegInt, PosInt, Seed32, param_error
 from openworld.metrics.clustering import SharedAssignment  # also registers the "clustering" metrics engine
 from openworld.registry import DATASETS, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
@@ -51,6 +53,11 @@ from openworld.scenarios.fscil import _jsonable, _labels, pick
 DEFAULT_OLD_CLASSES = {"cifar10": 5, "cifar100": 80, "fashion_mnist": 5, "mnist": 5, "digits": 5}
 K_MODES = ("known", "estimated")
 INDUCTIVE_MAPPINGS = ("own", "from_transductive")
+VARIANTS = ("v2", "v2b", "v1")
+
+# Constrained parameter types (``openworld validate`` checks recipe values against them).
+LabFraction = Annotated[float, Field(strict=True, gt=0, le=1)]  # (0, 1]
+ValFraction = Annotated[float, Field(strict=True, ge=0, lt=1)]  # [0, 1)
 
 
 def draw_labelled(n_old: int, p_lab: float, split_seed: int = 0) -> np.ndarray:
@@ -140,17 +147,17 @@ class _DiscoveryScenario(Scenario):
         self,
         *,
         data: dict | None = None,
-        old_classes: int | Sequence[int] | None = None,
-        new_classes: Sequence[int] | None = None,
+        old_classes: PosInt | Sequence[NonNegInt] | None = None,
+        new_classes: Sequence[NonNegInt] | None = None,
         class_split: str | None = None,
-        p_lab: float = 0.5,
-        split_seed: int = 0,
-        labelled_val_frac: float = 0.0,
-        k_mode: str = "known",
-        variants: Sequence[str] = (),
-        inductive_mapping: str = "own",
-        train_subsample: int | None = None,
-        test_subsample: int | None = None,
+        p_lab: LabFraction = 0.5,
+        split_seed: Seed32 = 0,
+        labelled_val_frac: ValFraction = 0.0,
+        k_mode: Literal["known", "estimated"] = "known",
+        variants: Sequence[Literal["v2", "v2b", "v1"]] = (),
+        inductive_mapping: Literal["own", "from_transductive"] = "own",
+        train_subsample: PosInt | None = None,
+        test_subsample: PosInt | None = None,
         seed: int = 0,
     ):
         self.data = dict(data) if data is not None else {"source": "digits"}
@@ -171,8 +178,59 @@ class _DiscoveryScenario(Scenario):
         self._views_cache = None
         self._input_shape: tuple[int, ...] | None = None
 
-
     # -- validation ----------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, params: dict, *, num_classes: int | None = None, seeds: Sequence[int] = ()) -> None:
+        """Cross-field rules (``openworld validate``, and again when the data is read). Raises
+        :class:`~openworld.config.ConfigError` naming the key. ``num_classes``: the source's class
+        count, when known (class ids must lie below it; ``new_classes`` null takes the rest)."""
+        old, new, split = params.get("old_classes"), params.get("new_classes"), params.get("class_split")
+        if split is not None:
+            if old is not None or new is not None:
+                raise param_error(
+                    "class_split", split, "give either a split file or old_classes/new_classes, not both"
+                )
+            return  # the classes come from the file (read with the data)
+        if old is None:
+            source = str((params.get("data") or {}).get("source"))
+            if source not in DEFAULT_OLD_CLASSES:
+                raise param_error(
+                    "old_classes", None, f"no default old-class split for source {source!r} (defaults exist for "
+                    f"{', '.join(DEFAULT_OLD_CLASSES)}); give old_classes or class_split"
+                )
+            old_list = list(range(DEFAULT_OLD_CLASSES[source]))
+        elif isinstance(old, int):
+            if old < 1:
+                raise param_error("old_classes", old, "a positive number of old classes (the first n) is required")
+            old_list = list(range(old))
+        else:
+            old_list = [int(c) for c in old]
+            if not old_list:
+                raise param_error("old_classes", old, "at least one old class is required")
+            if len(set(old_list)) != len(old_list):
+                raise param_error("old_classes", old, "class ids repeat")
+        if new is not None:
+            new_list = [int(c) for c in new]
+            if not new_list:
+                raise param_error("new_classes", new, "at least one new class is required (null: every other class)")
+            if len(set(new_list)) != len(new_list) or set(new_list) & set(old_list):
+                raise param_error("new_classes", new, f"old and new classes overlap or repeat (old {old_list})")
+        if cls.kind == "ncd" and params.get("p_lab") not in (0.5, 1, 1.0):
+            raise param_error("p_lab", params.get("p_lab"), "ncd labels every old-class sample; leave p_lab unset")
+        if num_classes is None:
+            return
+        top = f"class ids must lie in 0…{num_classes - 1} (the data has {num_classes} classes)"
+        if isinstance(old, int) and old > num_classes:
+            raise param_error("old_classes", old, f"at most the {num_classes} classes of the data")
+        if not isinstance(old, int) and max(old_list) >= num_classes:
+            raise param_error("old_classes", old, top)
+        if new is not None and max(new_list) >= num_classes:
+            raise param_error("new_classes", new, top)
+        if new is None and len(old_list) >= num_classes:
+            key = "old_classes" if old is not None else "data.source"
+            raise param_error(key, old if old is not None else params["data"]["source"],
+                              f"leaves no new class (the data has {num_classes} classes)")
+
     def _validate_params(self) -> None:
         if not isinstance(self.data, dict) or not self.data.get("source"):
             raise ValueError("scenario.data.source: a dataset name is required, e.g. {source: cifar10}")
@@ -184,7 +242,7 @@ class _DiscoveryScenario(Scenario):
             )
         if self.k_mode not in K_MODES:
             raise ValueError(f"scenario.k_mode: allowed values are {', '.join(K_MODES)}; got {self.k_mode!r}")
-        bad = [v for v in self.variants if v not in ("v2", "v2b", "v1")]
+        bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"scenario.variants: unknown {bad}; allowed: v2b, v1")
         if self.inductive_mapping not in INDUCTIVE_MAPPINGS:
@@ -196,8 +254,7 @@ class _DiscoveryScenario(Scenario):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"scenario.{name}: a positive integer or null is required, got {value!r}")
-        if self.class_split is not None and (self.old_classes is not None or self.new_classes is not None):
-            raise ValueError("scenario.class_split: give either a split file or old_classes/new_classes, not both")
+        self.check_config(self.get_params())
 
     # -- lazy loading --------------------------------------------------------------------------------
     @property
@@ -247,6 +304,7 @@ class _DiscoveryScenario(Scenario):
         train_labels, test_labels = _labels(src.train), _labels(src.test)
         names_src = list(getattr(src, "classes", None) or [])
         n_src = len(names_src) if names_src else int(max(train_labels.max(), test_labels.max())) + 1
+        self.check_config(self.get_params(), num_classes=n_src)
         old, new = self._class_lists(n_src)
         order = old + new
         in_scope = np.isin(train_labels, order)
@@ -464,11 +522,6 @@ class NCDScenario(_DiscoveryScenario):
     ``K_old + K̂_u`` columns. Parameters as for ``gcd``."""
 
     kind = "ncd"
-
-    def _validate_params(self) -> None:
-        super()._validate_params()
-        if self.p_lab not in (0.5, 1, 1.0):
-            raise ValueError("scenario.p_lab: ncd labels every old-class sample; leave p_lab unset")
 
     def _eval_sets(self, train, test, plan: _Plan) -> dict[str, EvalSet]:
         k_old = plan.num_old

@@ -10,6 +10,10 @@ The protocol is the one of the FSCIL/TEEN card (``specs/fscil-teen.md`` §1):
   fallback (§1.5) built on :func:`pick`.
 * Session ``i`` is evaluated on **all** test images of classes ``0…B+iW-1``, ascending class then
   dataset order (§1.4).
+* Session ``i ≥ 1`` also carries ``Session.oracle``: every training image of its W classes (§2.1's
+  ``joint.data: full`` oracle). ``Session.visible()`` drops it; only a strategy whose
+  ``uses_oracle_data()`` is True gets it, via ``visible(oracle=True)``. The base session has none: its
+  labelled data is already every base training image but the validation split (the selection set).
 * ``holdout_unknown: H`` (default 0, off) never teaches the last H classes of the class order and adds
   an ``open`` eval set per session (``task="open_set"``): the seen classes' test images plus those of
   the H held-out classes, so the open-set metrics (``specs/metrics.md`` §8) are reported after every
@@ -315,6 +319,9 @@ class _Plan:
     test_sorted_labels: np.ndarray  # their new labels
     names: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    # per session i >= 1: every training row of its W new classes, ascending (the oracle data of
+    # ``joint`` with ``data: full``); session 0 has none (its classes' rows are base_train + val)
+    full_rows: list[list[int]] = field(default_factory=list)
 
 
 @register_scenario("fscil")
@@ -536,6 +543,10 @@ class FSCILScenario(Scenario):
         new_test = mapping[test_labels[test_rows]]
         perm = np.lexsort((test_rows, new_test))
         names = tuple(str(classes[c]) if classes else str(c) for c in order)
+        full_rows: list[list[int]] = [[]]
+        for i in range(1, len(lists)):
+            new_original = np.asarray(order[B + (i - 1) * W : B + i * W], dtype=np.int64)
+            full_rows.append([int(x) for x in np.flatnonzero(np.isin(train_labels, new_original))])
         self._plan = _Plan(
             order=order,
             num_classes=num_classes,
@@ -549,6 +560,7 @@ class FSCILScenario(Scenario):
             test_sorted_labels=new_test[perm],
             names=names,
             extra={"mapping": mapping},
+            full_rows=full_rows,
         )
         return self._plan
 
@@ -632,6 +644,7 @@ class FSCILScenario(Scenario):
         seen = tuple(range(seen_n))
         new = self.session_classes(index)
         info: dict[str, Any] = {"index_source": plan.index_source}
+        oracle = None
         if index == 0:
             labeled = train.subset(plan.base_train)
             validation = train.subset(plan.val)
@@ -643,6 +656,9 @@ class FSCILScenario(Scenario):
             labeled = train.subset(plan.lists[index])
             validation = None
             info["index_hash"] = hash_indices(plan.lists[index])
+            # oracle data: all training images of the new classes (none held out; disjoint from the
+            # base validation split, which holds base classes only). Session.visible() drops it.
+            oracle = train.subset(plan.full_rows[index])
         n_test = int(np.searchsorted(plan.test_sorted_labels, seen_n, side="left"))
         test_set = test.subset(plan.test_sorted[:n_test])
         counts = np.bincount(labeled.targets.numpy(), minlength=C)
@@ -686,6 +702,7 @@ class FSCILScenario(Scenario):
             validation=validation,
             eval_sets=eval_sets,
             info=info,
+            oracle=oracle,
         )
 
     # -- record --------------------------------------------------------------------------------------

@@ -34,11 +34,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
+from openworld.config import Bool, NonNegInt, Number, Seed32, param_error
 from openworld.data.views import FileData, TensorData
 from openworld.registry import DATASETS, register_dataset, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
@@ -52,6 +54,12 @@ DEFAULT_RHOS = (50, 25, 10, 5, 2)
 DEFAULT_TEST_DISTRIBUTIONS = tuple(
     [f"forward{r}" for r in DEFAULT_RHOS] + ["uniform"] + [f"backward{r}" for r in reversed(DEFAULT_RHOS)]
 )
+
+# Constrained parameter types (``openworld validate`` checks recipe values against them).
+Imbalance = Annotated[float, Field(strict=True, ge=1)]
+PositiveNumber = Annotated[float, Field(strict=True, gt=0)]
+Rate = Annotated[float, Field(strict=True, ge=0, le=1)]
+RankFraction = Annotated[float, Field(strict=True, gt=0, le=0.5)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,6 +282,13 @@ def load_synth_gauss(root=None, download: bool = False, *, num_classes: int = 10
     )
 
 
+def _synth_gauss_num_classes(num_classes: int = 10, **_: Any) -> int:
+    return num_classes
+
+
+load_synth_gauss.num_classes = _synth_gauss_num_classes  # read by ``openworld validate`` (no data drawn)
+
+
 # --------------------------------------------------------------------------------------------------
 # The scenario
 # --------------------------------------------------------------------------------------------------
@@ -338,23 +353,23 @@ class LongTailScenario(Scenario):
         self,
         *,
         data: dict | None = None,
-        imbalance: float = 100.0,
-        profile: str = "exp",
-        n_max: float | None = None,
-        subsample_seed: int = 0,
-        val_per_class: int = 100,
-        val_seed: int = 1,
-        val_source: str = "unused_pool",
-        noise: str = "none",
-        noise_rate: float = 0.0,
-        noise_seed: int = 0,
-        noise_sampling: str = "fixed_count",
-        sym_noise_excludes_true: bool = True,
-        val_label_noise: bool = True,
+        imbalance: Imbalance = 100.0,
+        profile: Literal["exp", "step"] = "exp",
+        n_max: PositiveNumber | None = None,
+        subsample_seed: Seed32 = 0,
+        val_per_class: NonNegInt = 100,
+        val_seed: Seed32 = 1,
+        val_source: Literal["unused_pool", "holdout"] = "unused_pool",
+        noise: Literal["none", "sym", "imb", "pair"] = "none",
+        noise_rate: Rate = 0.0,
+        noise_seed: NonNegInt = 0,
+        noise_sampling: Literal["fixed_count", "bernoulli"] = "fixed_count",
+        sym_noise_excludes_true: Bool = True,
+        val_label_noise: Bool = True,
         test_distributions: Sequence[str] = DEFAULT_TEST_DISTRIBUTIONS,
-        shot_groups: str = "thresholds",
-        shot_thresholds: Sequence[float] = (20, 100),
-        rank_fraction: float = 0.3,
+        shot_groups: Literal["thresholds", "rank"] = "thresholds",
+        shot_thresholds: Sequence[Number] = (20, 100),
+        rank_fraction: RankFraction = 0.3,
         seed: int = 0,
     ):
         self.data = dict(data) if data is not None else {"source": "synth_gauss"}
@@ -380,6 +395,33 @@ class LongTailScenario(Scenario):
         self._plan: _Plan | None = None
 
     # -- parameters ---------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, params: dict, *, num_classes: int | None = None, seeds: Sequence[int] = ()) -> None:
+        """Cross-field rules (``openworld validate``, and again when the data is read). Raises
+        :class:`~openworld.config.ConfigError` naming the key."""
+        if params.get("noise") not in (None, "none") and params.get("noise_rate") == 0:
+            raise param_error(
+                "noise_rate", params["noise_rate"], f"noise {params['noise']!r} needs a rate > 0 (or noise: none)"
+            )
+        dists = params.get("test_distributions")
+        if dists is not None:
+            dists = list(dists)
+            if not dists:
+                raise param_error("test_distributions", dists, "at least one test distribution is required")
+            for name in dists:
+                try:
+                    _parse_distribution(name)
+                except ValueError as exc:
+                    raise param_error("test_distributions", dists, str(exc).split(": ", 1)[-1]) from None
+            if len(set(dists)) != len(dists):
+                raise param_error("test_distributions", dists, "each distribution at most once")
+        thresholds = params.get("shot_thresholds")
+        if thresholds is not None:
+            t = list(thresholds)
+            if len(t) != 2 or t[0] > t[1]:
+                raise param_error("shot_thresholds", t, "[low, high] with low <= high is required")
+        if num_classes is not None and params.get("profile") == "step" and num_classes % 2:
+            raise param_error("profile", "step", f"needs an even number of classes; the data has {num_classes}")
 
     def _validate(self) -> None:
         if not isinstance(self.data, dict) or not self.data.get("source"):
@@ -400,8 +442,6 @@ class LongTailScenario(Scenario):
             raise ValueError(f"scenario.noise: allowed values are {', '.join(NOISE_KINDS)}; got {self.noise!r}")
         if not (isinstance(self.noise_rate, (int, float)) and 0 <= self.noise_rate <= 1):
             raise ValueError(f"scenario.noise_rate: a number in [0, 1] is required, got {self.noise_rate!r}")
-        if self.noise != "none" and self.noise_rate == 0:
-            raise ValueError(f"scenario.noise_rate: noise {self.noise!r} needs a rate > 0 (or noise: none)")
         if self.noise_sampling not in NOISE_SAMPLING:
             raise ValueError(
                 f"scenario.noise_sampling: allowed values are {', '.join(NOISE_SAMPLING)}; got {self.noise_sampling!r}"
@@ -410,14 +450,7 @@ class LongTailScenario(Scenario):
             raise ValueError(
                 f"scenario.shot_groups: allowed values are {', '.join(SHOT_GROUPS)}; got {self.shot_groups!r}"
             )
-        if len(self.shot_thresholds) != 2:
-            raise ValueError(f"scenario.shot_thresholds: [low, high] is required, got {list(self.shot_thresholds)!r}")
-        if not self.test_distributions:
-            raise ValueError("scenario.test_distributions: at least one test distribution is required")
-        for name in self.test_distributions:
-            _parse_distribution(name)
-        if len(set(self.test_distributions)) != len(self.test_distributions):
-            raise ValueError(f"scenario.test_distributions: duplicates in {list(self.test_distributions)}")
+        self.check_config(self.get_params())
 
     # -- lazy loading --------------------------------------------------------------------------------
     @property
@@ -438,6 +471,7 @@ class LongTailScenario(Scenario):
         names = tuple(str(n) for n in (getattr(src, "classes", None) or []))
         c = len(names) if names else int(max(y_tr.max(), y_te.max())) + 1
         names = names or tuple(str(i) for i in range(c))
+        self.check_config(self.get_params(), num_classes=c)
         n_max = float(self.n_max) if self.n_max is not None else len(y_tr) / c
         profile = class_counts(n_max, float(self.imbalance), c, self.profile)
         per_class = np.bincount(y_tr, minlength=c)
@@ -460,9 +494,9 @@ class LongTailScenario(Scenario):
         else:
             short = [k for k in range(c) if profile[k] > per_class[k]]
             if short:
-                raise ValueError(
-                    f"long_tail: the profile asks for more images than the source has for classes {short} "
-                    f"(n_max {n_max:g}); lower scenario.n_max"
+                raise param_error(
+                    "n_max", self.n_max, f"the profile asks for more images than the source has for classes "
+                    f"{short} (n_max {n_max:g}, at most {int(per_class.min())} per class); lower n_max"
                 )
         train_rows, unused = lt_subsample(y_tr, counts, self.subsample_seed, pool_rows)
         if self.val_source == "holdout":
@@ -504,8 +538,9 @@ class LongTailScenario(Scenario):
                 test_sets[name] = np.arange(len(y_te), dtype=np.int64)
                 continue
             if (per_test != m).any():
-                raise ValueError(
-                    f"long_tail: test set {name!r} needs a balanced test split (per-class counts {per_test.tolist()})"
+                raise param_error(
+                    "test_distributions", list(self.test_distributions), f"test set {name!r} needs a balanced "
+                    f"test split (per-class counts {per_test.tolist()})"
                 )
             tc = class_counts(m, rho, c, "exp", reverse=direction == "backward")
             test_sets[name], _ = lt_subsample(y_te, tc, 0)

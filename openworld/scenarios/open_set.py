@@ -16,9 +16,14 @@ card §1) by the ``open_set`` metrics engine. Where the target domain comes from
 
 Labels: known classes ``known_classes`` (original ids, in order) become 0…|K|-1; the unknown classes
 ``unknown_classes`` become |K|, |K|+1, … (so the engine keeps y_orig for ``unk_classmean`` and merges
-them to u = |K|). Every other class is dropped. The target eval set is declared as
-``EvalSet(data, classes=(), task="open_set", options={"known_classes": [0…|K|-1],
-"unknown_classes": [|K|…], "num_samples": n})``.
+them to u = |K|). Every other class is dropped. Eval sets (card §8), in this order:
+
+* ``target`` — every scored target sample: ``EvalSet(data, classes=(), task="open_set",
+  options={"known_classes": [0…|K|-1], "unknown_classes": [|K|…], "num_samples": n})``;
+* ``target_known`` — the known-class samples of ``target`` (same rows, same order), scored by the
+  classification engine over the known classes (``classes=(0…|K|-1)``): closed-set ``acc`` (= the
+  ``closed_acc`` of ``target``), ``acc_balanced``, top-k and per-class accuracy;
+* ``source_val`` — the labelled source validation split, classified over the known classes.
 
 Few-shot variant: ``target_shots: K`` draws K labelled target samples per known class (a |K|-way
 K-shot support, seeded) and adds them to ``labeled``; the target eval set is the remaining queries.
@@ -51,12 +56,13 @@ runner scores every episode on its own; the card's aggregate (mean over episodes
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import openworld.data.domains  # noqa: F401  (registers digits28, office_home, office31, domainnet)
+from openworld.config import NonNegInt, OpenUnit, PosInt, param_error
 from openworld.data.corruptions import corrupt, parse_domain
 from openworld.data.views import TensorData, concat
 from openworld.metrics.engine import mean_ci95
@@ -290,25 +296,25 @@ class OpenSetScenario(Scenario):
         self,
         *,
         data: dict | None = None,
-        known_classes: int | Sequence[int] = 6,
-        unknown_classes: Sequence[int] | None = None,
+        known_classes: PosInt | Sequence[NonNegInt] = 6,
+        unknown_classes: Sequence[NonNegInt] | None = None,
         target: dict | None = None,
-        target_split: str = "all",
+        target_split: Literal["all", "train", "test"] = "all",
         corruptions: Sequence[Any] | None = None,
-        source_per_class: int | None = None,
-        target_per_class: int | None = None,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        target_shots: int = 0,
-        transforms: str = "source",
-        protocol: str = "osda",
-        meta_train_classes: int | None = None,
-        n_way: int = 5,
-        n_unknown: int = 5,
-        shots: int = 1,
-        queries: int = 15,
-        episodes: int = 600,
-        source_support_shots: int = 0,
+        source_per_class: PosInt | None = None,
+        target_per_class: PosInt | None = None,
+        val_fraction: OpenUnit = 0.1,
+        split_seed: NonNegInt = 0,
+        target_shots: NonNegInt = 0,
+        transforms: Literal["source", "cifar10"] = "source",
+        protocol: Literal["osda", "dafsos"] = "osda",
+        meta_train_classes: PosInt | None = None,
+        n_way: PosInt = 5,
+        n_unknown: NonNegInt = 5,
+        shots: PosInt = 1,
+        queries: PosInt = 15,
+        episodes: PosInt = 600,
+        source_support_shots: NonNegInt = 0,
         seed: int = 0,
     ):
         self.data = dict(data) if data is not None else {"source": "mnist"}
@@ -358,16 +364,81 @@ class OpenSetScenario(Scenario):
         }
 
     # -- validation ----------------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, params: dict, *, num_classes: int | None = None, seeds: Sequence[int] = ()) -> None:
+        """Cross-field rules (``openworld validate``, and again when the data is read). Raises
+        :class:`~openworld.config.ConfigError` naming the key. ``num_classes``: the source's class
+        count, when known (class ids must lie below it; DA-FSOS needs enough meta-test classes)."""
+        target, corruptions = params.get("target"), params.get("corruptions")
+        if target is not None and corruptions is not None:
+            raise param_error(
+                "corruptions", corruptions, "give either `target` (a second dataset) or `corruptions`, not both"
+            )
+        if corruptions is not None:
+            if not list(corruptions):
+                raise param_error("corruptions", corruptions, "at least one domain is required")
+            for c in corruptions:
+                try:
+                    parse_domain(c)
+                except ValueError as exc:
+                    raise param_error("corruptions", corruptions, " ".join(str(exc).split())) from None
+        if params.get("protocol") == "dafsos":
+            for key in ("corruptions", "target_shots"):
+                if params.get(key):
+                    raise param_error(
+                        key, params[key], "does not apply to protocol 'dafsos' (the target is a second dataset or "
+                        "a domain pair; shots per episode: `shots`)"
+                    )
+            n_train = params.get("meta_train_classes")
+            if n_train is None:
+                raise param_error(
+                    "meta_train_classes", None, "protocol 'dafsos' needs the number n of meta-train classes (the "
+                    "first n sorted classes)"
+                )
+            if num_classes is not None:
+                n_way, n_unknown = params.get("n_way", 5), params.get("n_unknown", 5)
+                n_test = num_classes - int(n_train)
+                if n_test < n_way + n_unknown:
+                    raise param_error(
+                        "n_unknown", n_unknown, f"{n_test} meta-test classes ({num_classes} − meta_train_classes "
+                        f"{n_train}), n_way {n_way} + n_unknown {n_unknown} = {n_way + n_unknown} needed"
+                    )
+            return
+        known, unknown = params.get("known_classes", 6), params.get("unknown_classes")
+        if isinstance(known, int):
+            if known < 1:
+                raise param_error("known_classes", known, "a positive number of known classes (the first n)")
+            known_ids = list(range(known))
+        else:
+            known_ids = [int(c) for c in known]
+            if not known_ids or len(set(known_ids)) != len(known_ids) or min(known_ids) < 0:
+                raise param_error("known_classes", known, "distinct class ids >= 0 are required (at least one)")
+        if unknown is not None:
+            unknown_ids = [int(c) for c in unknown]
+            if len(set(unknown_ids)) != len(unknown_ids) or set(unknown_ids) & set(known_ids) or (
+                unknown_ids and min(unknown_ids) < 0
+            ):
+                raise param_error(
+                    "unknown_classes", unknown, f"distinct class ids >= 0, disjoint from known_classes {known_ids}"
+                )
+        if num_classes is None:
+            return
+        if isinstance(known, int) and known > num_classes:
+            raise param_error("known_classes", known, f"at most the {num_classes} classes of the data")
+        if max(known_ids) >= num_classes:
+            raise param_error(
+                "known_classes", known, f"ids in 0…{num_classes - 1} required (the data has {num_classes})"
+            )
+        if unknown is not None and unknown_ids and max(unknown_ids) >= num_classes:
+            raise param_error(
+                "unknown_classes", unknown, f"ids in 0…{num_classes - 1} required (the data has {num_classes})"
+            )
+
     def _validate(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"scenario.protocol: allowed values are {', '.join(PROTOCOLS)}; got {self.protocol!r}")
         if self.protocol == "dafsos":
-            if self.corruptions is not None or self.target_shots:
-                raise ValueError(
-                    "scenario.protocol 'dafsos': `corruptions` and `target_shots` do not apply (the "
-                    "target is a second dataset or a domain pair; shots per episode: `shots`)"
-                )
-            if not isinstance(self.meta_train_classes, int) or self.meta_train_classes < 1:
+            if not isinstance(self.meta_train_classes, (int, type(None))) or (self.meta_train_classes or 1) < 1:
                 raise ValueError(
                     "scenario.meta_train_classes: protocol 'dafsos' needs the number n of meta-train "
                     f"classes (the first n sorted classes), got {self.meta_train_classes!r}"
@@ -380,8 +451,6 @@ class OpenSetScenario(Scenario):
                 v = getattr(self, name)
                 if not isinstance(v, int) or v < 0:
                     raise ValueError(f"scenario.{name}: a non-negative integer is required, got {v!r}")
-        if self.target is not None and self.corruptions is not None:
-            raise ValueError("scenario: give either `target` (a second dataset) or `corruptions`, not both")
         if self.target_split not in ("all", "train", "test"):
             raise ValueError(f"scenario.target_split: allowed values are all, train, test; got {self.target_split!r}")
         if self.transforms not in ("source", "cifar10"):
@@ -394,11 +463,7 @@ class OpenSetScenario(Scenario):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"scenario.{name}: a positive integer or null is required, got {v!r}")
-        if self.corruptions is not None:
-            if not self.corruptions:
-                raise ValueError("scenario.corruptions: at least one domain is required")
-            for c in self.corruptions:
-                parse_domain(c)
+        self.check_config(self.get_params())
 
     # -- plan ------------------------------------------------------------------------------------------
     def _build(self) -> dict:
@@ -420,6 +485,7 @@ class OpenSetScenario(Scenario):
             src = src.with_transforms(pair)
         tgt_src = _load(self.target, "target") if self.target is not None else None
         n_cls = len(src.classes)
+        self.check_config(self.get_params(), num_classes=n_cls)
         if self.protocol == "dafsos":
             self._plan = self._build_dafsos(src, tgt_src)
             return self._plan
@@ -477,6 +543,7 @@ class OpenSetScenario(Scenario):
                 picks.append(np.sort(rng.choice(r, self.target_shots, replace=False)))
             support = np.sort(np.concatenate(picks))
             t_rows = np.setdiff1d(t_rows, support)
+        t_known = np.flatnonzero(np.isin(t_labels[t_rows], known))  # positions in t_rows of known samples
         names = tuple(str(src.classes[c]) for c in known + unknown)
         self._plan = {
             "src": src,
@@ -489,6 +556,7 @@ class OpenSetScenario(Scenario):
             "s_train": s_train,
             "s_val": s_val,
             "t_rows": t_rows,
+            "t_known": t_known,
             "support": support,
             "domains": domains,
             "names": names,
@@ -696,11 +764,15 @@ class OpenSetScenario(Scenario):
         validation = src_train.subset(plan["s_val"])
         target = self._target(index)
         queries = target.subset(plan["t_rows"])
+        # the known-class part of the scored target set, same rows in the same order (one root with
+        # `queries`, so the runner's feature cache serves both)
+        queries_known = target.subset(plan["t_rows"][plan["t_known"]])
         info: dict[str, Any] = {
             "domain": self.domain_name(index),
             "num_source": len(labeled),
             "num_validation": len(validation),
             "num_target": len(queries),
+            "num_target_known": len(queries_known),
         }
         if len(plan["support"]):
             shots = target.subset(plan["support"])
@@ -725,6 +797,9 @@ class OpenSetScenario(Scenario):
         }
         eval_sets = {
             "target": EvalSet(data=queries, classes=(), task="open_set", options=options),
+            # card §8: closed-set classification of the known-class target samples over the known
+            # classes (metrics.md §3: acc, acc_balanced, top-k, per_class_acc; acc = target's closed_acc)
+            "target_known": EvalSet(data=queries_known, classes=known),
             "source_val": EvalSet(data=validation, classes=known),
         }
         return Session(

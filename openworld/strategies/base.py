@@ -636,6 +636,12 @@ class Strategy:
         ``ctx.selection_override`` during ``learn`` and marks the run's results as not clean."""
         return False
 
+    def uses_oracle_data(self) -> bool:
+        """True when the strategy is an oracle that trains on data the protocol withholds (e.g. ``joint``
+        with ``data: full``: every training image of the seen FSCIL classes). The runner then hands it
+        ``session.visible(oracle=True)`` (``Session.oracle`` filled) and marks the run as not comparable."""
+        return False
+
     def run_info(self) -> dict[str, Any]:
         """JSON-able facts the strategy decided while learning the session just learned (e.g. an
         estimated number of clusters K̂); stored as ``sessions[i].strategy_info`` in ``results.json``."""

@@ -122,19 +122,46 @@ class Joint(Strategy):
     Uses the recipe's ``base:`` block at every session (session 0 is the shared base model itself)
     and selects epochs on the base-session validation split. It bounds data access, not accuracy:
     the union is heavily imbalanced, so novel recall may fall below TEEN's (card §2.1).
+
+    ``data: full`` is the card's oracle variant (not comparable): base data ∪ **all** training images of
+    every seen novel class, read from ``Session.oracle``. It is the only variant that asks for oracle
+    data (:meth:`uses_oracle_data`), so the runner hands it ``session.visible(oracle=True)`` and flags
+    the run; the selection set is still the base-session validation split, which the oracle data never
+    overlaps (it holds base classes only).
     """
 
     supports = frozenset({"fscil", "cil"})
 
+    def __init__(self, data: Literal["shots", "full"] = "shots"):
+        self.data = data
+
+    def uses_oracle_data(self) -> bool:
+        return self.data == "full"
+
     def setup(self, ctx) -> None:
+        if self.data not in ("shots", "full"):
+            raise ValueError(f"{self.name or 'joint'}.data: must be 'shots' or 'full', got {self.data!r}")
         super().setup(ctx)
         self.net = None
         self.num_active = 0
         self._seen_data: list = []
         self._validation = None
 
+    def _session_data(self, session):
+        """What this session adds to the union: its labelled data (session 0 and ``shots``), or its
+        oracle data (``full``: every training image of its new classes)."""
+        if self.data == "shots" or session.index == 0:
+            return session.labeled
+        if session.oracle is None:
+            raise ValueError(
+                f"{self.name}: data 'full' needs the oracle data of session {session.index} (Session.oracle), "
+                "which only session.visible(oracle=True) keeps; the runner passes it when "
+                "uses_oracle_data() is True (this scenario may provide none)"
+            )
+        return session.oracle
+
     def restore_session(self, session) -> None:
-        self._seen_data.append(session.labeled)
+        self._seen_data.append(self._session_data(session))
         if self._validation is None:
             self._validation = session.validation
 
@@ -145,8 +172,9 @@ class Joint(Strategy):
             self.net = self.ctx.base_model(session)
         else:
             union = concat(self._seen_data)
+            tag = f"joint_{session.index}" if self.data == "shots" else f"joint_full_{session.index}"
             self.net = self.ctx.base_model(
-                session, data=union, validation=self._validation, num_active=n_seen, tag=f"joint_{session.index}"
+                session, data=union, validation=self._validation, num_active=n_seen, tag=tag
             )
         self.num_active = n_seen
 

@@ -76,6 +76,12 @@ ALIGNMENTS = ("none", "adabn", "recenter")
 HEADS = ("cosine", "linear")
 
 
+def _full(t: Tensor) -> Tensor:
+    """Half-precision outputs (AMP) up to float32; float32/float64 kept (metrics.md §1: float64 logits
+    stay float64, so MSP does not saturate to ties)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 # --------------------------------------------------------------------------------------------------
 # the card §7 reference CNN and the linear-head source model
 # --------------------------------------------------------------------------------------------------
@@ -331,15 +337,15 @@ class DetectorStrategy(Strategy):
             return self.ctx.base.temperature * (F.normalize(f, dim=1) @ F.normalize(self.ep_protos, dim=1).T)
         with self.ctx.autocast():
             if self.inner is None:
-                return self.net(x, num_active=self.num_known).float()
-            return self.inner.predict(x).logits[:, : self.num_known].float()
+                return _full(self.net(x, num_active=self.num_known))
+            return _full(self.inner.predict(x).logits[:, : self.num_known])
 
     def _features(self, x: Tensor) -> Tensor:
         with self.ctx.autocast():
             if self.inner is None:
-                return self.net.encoder(x).float()
+                return _full(self.net.encoder(x))
             try:
-                return self.inner.encode(x).float()
+                return _full(self.inner.encode(x))
             except NotImplementedError:
                 raise ValueError(
                     f"{self.name}: needs features, but base strategy {self.base!r} has no encode(x)"
@@ -505,6 +511,27 @@ class DetectorStrategy(Strategy):
         s = self._score(x)
         return Prediction(logits=logits, unknown_score=float(self.tau_) - s.to(torch.float64))
 
+    # -- run facts ------------------------------------------------------------------------------------
+    def tau_rule(self) -> str:
+        """How :attr:`tau_` was chosen, in words (recorded with its value in results.json and hparams)."""
+        if self.threshold == "source_quantile":
+            return f"source_quantile(q={self.quantile}) of the source-validation scores"
+        if self.threshold == "fixed":
+            return "fixed (the recipe's tau)"
+        if self.threshold == "reject_count":
+            return f"reject_count(n_r={self.n_r}) on the unlabelled target scores"
+        return f"{self.threshold} on the unlabelled target scores"
+
+    def run_info(self) -> dict[str, Any]:
+        """τ on the known-ness score s (accept iff s ≥ τ) and the rule that chose it, plus alignment facts."""
+        info: dict[str, Any] = {}
+        if self.tau_ is not None:
+            info.update(tau=float(self.tau_), tau_rule=self.tau_rule())
+        info.update(self.info_)
+        if self.inner is not None:
+            info.update({f"base.{k}": v for k, v in self.inner.run_info().items()})
+        return info
+
     # -- persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
@@ -621,7 +648,7 @@ class Mahalanobis(DetectorStrategy):
             return super().predict(x)
         d2 = self.model.distances(self._features(x))
         s = -d2.min(dim=1).values
-        return Prediction(logits=(-d2).float(), unknown_score=float(self.tau_) - s)
+        return Prediction(logits=_full(-d2), unknown_score=float(self.tau_) - s)
 
     def _detector_state(self) -> dict:
         return self.model.state_dict()
@@ -694,7 +721,7 @@ class NCMThreshold(DetectorStrategy):
             return super().predict(x)
         f = self._normed(x)
         logits = self.ctx.base.temperature * (f @ F.normalize(self.prototypes, dim=1).T)
-        return Prediction(logits=logits.float(), unknown_score=float(self.tau_) - self._score_of(f).to(torch.float64))
+        return Prediction(logits=_full(logits), unknown_score=float(self.tau_) - self._score_of(f).to(torch.float64))
 
     def _detector_state(self) -> dict:
         return {"prototypes": self.prototypes, "source_mean": self.source_mean}
@@ -806,7 +833,7 @@ class MahalanobisEnsemble(DetectorStrategy):
         finally:
             for h in hooks:
                 h.remove()
-        return [(o.mean(dim=(2, 3)) if o.dim() == 4 else o.flatten(1)).float() for o in outs]
+        return [_full(o.mean(dim=(2, 3)) if o.dim() == 4 else o.flatten(1)) for o in outs]
 
     def _std(self, x: Tensor) -> Tensor:
         std = torch.as_tensor(self.input_std, dtype=x.dtype, device=x.device).reshape(-1)

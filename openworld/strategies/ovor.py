@@ -2,7 +2,8 @@
 
 A frozen ViT with one shared prefix prompt (blocks 0–4, :mod:`openworld.models.prompts`) and one
 linear head over all classes with logit masking. Each task t has up to three phases over one Adam
-optimiser (re-created per task, weight decay 0) and one cosine schedule (:func:`lr_factor`):
+optimiser (re-created per task, weight decay 0) and one cosine schedule (:func:`lr_factor`; with
+``lr_offset: released`` the released one-epoch lag applies unless the task's first epoch is a VOR one):
 
 1. warm-up (t > 0 only): head-only CE on detached features;
 2. regular: CE over the current task's logits ``[s, e)`` with targets ``y − s`` (prompt + head);
@@ -96,15 +97,35 @@ def hinge_activity(id_logits: Tensor, ood_logits: Tensor, thres_id: float, thres
 # --------------------------------------------------------------------------------------------------
 # §2.7 — LR schedule
 # --------------------------------------------------------------------------------------------------
-def lr_factor(epoch: int, total_epochs: int, offset: Literal["released", "nominal"] = "released") -> float:
-    """The per-epoch LR factor: g(k) = cos(99π·k / (200·(K−1))), at k = e (``nominal``) or
-    k = max(e − 1, 0) (``released``: the released scheduler's one-epoch lag)."""
+def lr_factor(
+    epoch: int,
+    total_epochs: int,
+    offset: Literal["released", "nominal"] = "released",
+    *,
+    first_epoch_vor: bool = False,
+) -> float:
+    """The per-epoch LR factor: g(k) = cos(99π·k / (200·(K−1))) (card §2.7), at k = e (``nominal``) or as
+    the released scheduler steps it (``released``).
+
+    The released loop (``learners/default.py``, CODA-Prompt's scheduler class) starts the counter one step
+    behind and steps it at the start of every regular/warm-up epoch with counter e > 0 and of **every**
+    VOR epoch, e = 0 included. So:
+
+    * the task's first epoch is a regular or warm-up one (``first_epoch_vor=False``, every released
+      config): k = max(e − 1, 0), the card's one-epoch lag (epochs 0 and 1 share lr₀);
+    * the task's first epoch is a VOR one (``first_epoch_vor=True``: E = (E_w, E_r, E_v) with E_r = 0, and
+      E_w = 0 or task 0, whose warm-up is skipped): every epoch steps, k = e, no lag. E.g. E = (0, 0, 3):
+      factors 1, 0.712639, 0.015707, not 1, 1, 0.712639.
+
+    ``first_epoch_vor`` does not change ``nominal``. K = 1 gives 1 (the released formula divides by 0).
+    """
     if offset not in ("released", "nominal"):
         raise ValueError(f"lr_offset must be 'released' or 'nominal', got {offset!r}")
     K = int(total_epochs)
     if K < 1 or not 0 <= int(epoch) < K:
         raise ValueError(f"lr_factor: epoch {epoch} outside 0…{K - 1}")
-    k = max(int(epoch) - 1, 0) if offset == "released" else int(epoch)
+    lag = offset == "released" and not first_epoch_vor
+    k = max(int(epoch) - 1, 0) if lag else int(epoch)
     if K == 1:
         return 1.0
     return math.cos(99 * math.pi * k / (200 * (K - 1)))
@@ -324,11 +345,13 @@ class OVOR(Strategy):
         bar = ctx.progress_bar(range(len(phases)), desc=f"{self.name} task {session.index}", unit="ep")
         if self.tau is None and self.epochs_vor > 0 and self.epochs_regular == 0:
             self._separate_pilot(data, s, e)
+        # released lag only when the task starts with a regular/warm-up epoch (lr_factor, card §2.7)
+        first_vor = bool(phases) and phases[0] == "vor"
         for epoch in bar:
             phase = phases[epoch]
             if phase == "vor" and self.tau is None:
                 self._calibrate(data, s, e)
-            lr = self.lr * lr_factor(epoch, K, self.lr_offset)
+            lr = self.lr * lr_factor(epoch, K, self.lr_offset, first_epoch_vor=first_vor)
             for group in opt.param_groups:
                 group["lr"] = lr
             if phase == "vor":

@@ -9,9 +9,10 @@ Loss per iteration on two views (rows ``0..B-1`` view 1, ``B..2B-1`` view 2):
 views), cross-view self-distillation ``L_u`` (teacher temperature schedule :func:`teacher_temperatures`),
 the mean-entropy regulariser ``R = log K − H(p̄)`` (:func:`mean_entropy_regulariser`), InfoNCE on
 projections with τ_c = 1 (:func:`info_nce_loss`) and SupCon on labelled projections with
-τ = τ_b = 0.07 (:func:`supcon_loss`). SupCon goes through pytorch-metric-learning's ``SupConLoss``;
-InfoNCE is written directly because ``NTXentLoss``, though equal (both tested against the card's
-formula in ``tests/test_gcd_losses.py``), is about 1000× slower on CPU at B = 128.
+τ = τ_b = 0.07 (:func:`supcon_loss`). Both are written directly: SupCon because
+pytorch-metric-learning's ``SupConLoss`` differs from the official one (0 without negative pairs,
+anchors without a positive dropped from the mean); InfoNCE because ``NTXentLoss``, though equal (both
+tested against the card's formula in ``tests/test_gcd_losses.py``), is about 1000× slower on CPU at B = 128.
 
 Data: each epoch draws ``|D_L|+|D_U|`` samples with replacement, weight 1 per labelled item and
 ``|D_L|/|D_U|`` per unlabelled one; batches of B with ``drop_last``. SGD (momentum 0.9, no weight
@@ -99,12 +100,32 @@ def info_nce_loss(proj: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def supcon_loss(proj: Tensor, labels: Tensor, temperature: float = 0.07, base_temperature: float = 0.07) -> Tensor:
-    """SupCon on labelled projections [n, d] with ``labels`` [n] (card §2.3.5), via
-    pytorch-metric-learning's ``SupConLoss`` (cosine similarity, denominator over every j ≠ a,
-    mean over positives then over anchors), scaled by ``τ/τ_b`` as the card writes it."""
-    from pytorch_metric_learning.losses import SupConLoss
+    """SupCon on labelled projections [n, d] with ``labels`` [n] (card §2.3.5): the official definition
+    (Khosla et al.; HobbitLong/SupContrast ``SupConLoss``, contrast_mode ``all``, which SimGCD's
+    ``model.py`` copies), on L2-normalised rows.
 
-    return (temperature / base_temperature) * SupConLoss(temperature=temperature)(proj, labels)
+    ``L = mean_a −(τ/τ_b)·mean_{p∈P(a)} log(exp(s_ap/τ) / Σ_{j≠a} exp(s_aj/τ))``: the denominator runs over
+    every j ≠ a, positives included, so a batch whose rows all share one class still has a loss.
+    An anchor with no positive (a class with one row) contributes 0 and still counts in the mean over
+    anchors, as in the official code's current edge-case fix (it divides by max(|P(a)|, 1); SimGCD's
+    older copy divides by |P(a)| and gives NaN, a case SimGCD never meets since every labelled anchor has
+    its other view). Fewer than two rows (no j ≠ a at all, NaN in the official code) give 0.
+
+    Written directly rather than through pytorch-metric-learning's ``SupConLoss``: that one is not
+    equal to the official loss — it returns 0 when there is no negative pair (all rows one class) and
+    its non-zero-average reducer leaves anchors without a positive out of the mean.
+    """
+    n = proj.shape[0]
+    if n < 2:
+        return proj.sum() * 0.0
+    f = F.normalize(proj, dim=-1)
+    sim = (f @ f.T) / temperature
+    eye = torch.eye(n, dtype=torch.bool, device=proj.device)
+    log_prob = sim - torch.logsumexp(sim.masked_fill(eye, float("-inf")), dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    n_pos = pos.sum(1).clamp(min=1).to(log_prob.dtype)
+    mean_log_prob_pos = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
