@@ -324,7 +324,7 @@ class Runner:
                 "rerun without --resume to replace it, or choose another --out"
             )
         if stored_fp != config_fingerprint(current):
-            diff = _config_diff(stored, current) if isinstance(stored, dict) else "the configuration fingerprint differs"
+            diff = _config_diff(stored, current) if isinstance(stored, dict) else "its fingerprint differs"
             raise ResumeMismatchError(
                 f"--resume: {run_dir} was run with another configuration ({diff}); "
                 "rerun without --resume to replace it, or choose another --out"
@@ -492,8 +492,14 @@ class Runner:
         bar = ctx.progress_bar(
             total=scenario.num_sessions, desc=f"{entry} seed {seed}", unit="session", leave=True, initial=start
         )
+        oracle = strategy.uses_oracle_data()
+        if oracle:
+            flags["oracle"] = True
+            msg = ("trained on ORACLE data the protocol withholds (e.g. joint data: full) — "
+                   "an upper bound, not comparable")
+            record["warning"] = f"{record['warning']}; {msg}" if "warning" in record else msg
         for session in scenario.sessions():
-            visible = session.visible()
+            visible = session.visible(oracle=oracle)
             if session.index < start:
                 strategy.restore_session(visible)
                 continue

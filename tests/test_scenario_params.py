@@ -258,8 +258,8 @@ def test_scenarios_raise_the_same_config_error_when_built(kind, params, expected
     assert str(info.value).startswith(expected) and "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="lead-side: cli.cmd_run must catch ConfigError raised by Runner.run()")
 def test_cli_run_class_count_error_is_exit_2(tmp_path, capsys):
+    """`openworld run` prints the run-start ConfigError as one line and exits 2 (cli.cmd_run catches it)."""
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe("cil", num_tasks=3)))
     code = main(["run", str(path), "--out", str(tmp_path / "runs")])
