@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from openworld.metrics import History, MetricsEngine, confusion_counts, fscil_session_metrics
+from openworld.metrics import History, MetricsEngine, confusion_counts, fscil_session_metrics, topk_accuracy
 
 TOL = 1e-6
 Y_A = [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
@@ -405,3 +405,34 @@ def test_mean_ci95_exact():
     assert mean_ci95([5.0]) == (5.0, 0.0)
     with pytest.raises(ValueError, match="no value"):
         mean_ci95([])
+
+
+def test_update_keeps_float64_logits_for_topk():
+    """Logits 1e-12 apart: distinct in float64, tied (→ lower id wins) if down-cast to float32."""
+    z = torch.tensor([[1.0, 1.0 + 1e-12, 0.0], [1.0 + 1e-12, 1.0, 0.0]], dtype=torch.float64)
+    eng = MetricsEngine(3, topk=(1,), chunk_size=None)
+    eng.update(None, T([1, 0]), logits=z)
+    m = eng.compute()
+    assert m["top1"] == 1.0 and m["acc"] == 1.0
+    assert eng.compute()["top1"] == topk_accuracy(z, T([1, 0]), 1) == 1.0
+    assert topk_accuracy(z.float(), T([1, 0]), 1) == 0.5  # what a float32 cast would have given
+
+
+def test_reset_clears_every_counter():
+    eng = MetricsEngine(4, topk=(2,), chunk_size=3, groups={"base": [0, 1], "novel": [2, 3]})
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20, 4, generator=g)
+    y = torch.randint(-1, 4, (20,), generator=g)
+    eng.update(None, y, logits=z)
+    eng.update(T([0]), T([0]))  # a batch without logits: top-k NaN
+    eng.compute()
+    eng.reset()
+    z2 = torch.randn(9, 4, generator=g)
+    y2 = torch.randint(0, 4, (9,), generator=g)
+    eng.update(None, y2, logits=z2)
+    fresh = MetricsEngine(4, topk=(2,), chunk_size=3, groups={"base": [0, 1], "novel": [2, 3]})
+    fresh.update(None, y2, logits=z2)
+    a, b = eng.compute(), fresh.compute()
+    assert list(a) == list(b)
+    assert all((math.isnan(a[k]) and math.isnan(b[k])) or a[k] == b[k] for k in a)
+    assert torch.equal(eng.counts(), fresh.counts()) and eng.num_samples == fresh.num_samples == 9

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from openworld.metrics import create_engine
 from openworld.metrics import open_set as osm
@@ -279,3 +280,294 @@ def test_cuda_matches_cpu_and_observe_never_syncs():
     got = eng.compute()
     for key in cpu:
         assert got[key] == pytest.approx(cpu[key], abs=TOL), key
+
+
+# ---- audit item 2: reset() forgets everything ---------------------------------------------------------
+def _feed(eng, seed, n=40, score=True):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 5, generator=g)
+    y = torch.randint(-1, 5, (n,), generator=g)
+    v = torch.randn(n, generator=g) if score else None
+    for a in range(0, n, 16):
+        eng.observe(z[a:a + 16], y[a:a + 16], None if v is None else v[a:a + 16])
+
+
+def _same(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all((math.isnan(x) and math.isnan(b[k])) or x == b[k] for k, x in a.items())
+
+
+@pytest.mark.parametrize("threshold", ["target_otsu", "fixed"])
+def test_engine_reset_forgets_everything(threshold):
+    kw = dict(num_classes=5, device="cpu", known_classes=[0, 1, 2], threshold=threshold, tau=0.2)
+    eng = create_engine("open_set", **kw)
+    _feed(eng, 0)
+    eng.compute()
+    assert eng.confusion() is not None
+    eng.reset()
+    assert eng.confusion() is None and eng.per_class() is None
+    assert eng.tau_used is None and eng.num_samples is None
+    _feed(eng, 1, n=25)
+    fresh = create_engine("open_set", **kw)
+    _feed(fresh, 1, n=25)
+    assert eng.confusion() is None  # still None before compute
+    assert _same(eng.compute(), fresh.compute())
+    assert torch.equal(eng.confusion(), fresh.confusion())
+    torch.testing.assert_close(eng.per_class(), fresh.per_class(), rtol=0, atol=0, equal_nan=True)
+    assert eng.tau_used == fresh.tau_used and eng.num_samples == fresh.num_samples
+    # the score source is forgotten too: a stream without unknown_score is accepted after reset
+    eng.reset()
+    _feed(eng, 2, score=False)
+    eng.compute()
+
+
+# ---- audit item 3: one device→host transfer per compute(), device threshold rules ------------------------
+class _HostReads:
+    """Counts host reads during a block: Python-level tensor methods that read values back, plus
+    dispatcher ops that sync (item/bool/int/float → _local_scalar_dense, nonzero, boolean indexing)."""
+
+    METHODS = ("cpu", "tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__")
+    SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_consecutive",
+                "is_nonzero", "equal", "index_bool", "masked_scatter"}
+
+    def __init__(self, monkeypatch):
+        self.calls: dict[str, int] = dict.fromkeys(self.METHODS, 0)
+        self.cpu_args: list = []
+        self.ops: list[str] = []
+        self._mp = monkeypatch
+
+    def __enter__(self):
+        for name in self.METHODS:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(t, *a, _orig=orig, _name=name, **k):
+                self.calls[_name] += 1
+                if _name == "cpu":
+                    self.cpu_args.append((t.dtype, tuple(t.shape)))
+                return _orig(t, *a, **k)
+
+            self._mp.setattr(torch.Tensor, name, wrapper)
+        rec = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = str(func.overloadpacket.__name__)
+                if name in ("index", "index_put") and any(
+                        t is not None and t.dtype == torch.bool for t in args[1]):
+                    name = "index_bool"
+                rec.ops.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self._mp.undo()
+        return False
+
+
+RULES = ["zero", "fixed", "target_otsu", "target_gmm", "ros_mean", "reject_count", "auto"]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("strategy_score", [True, False])
+def test_engine_compute_makes_exactly_one_host_transfer(rule, strategy_score, monkeypatch):
+    eng = create_engine("open_set", num_classes=8, device="cpu", known_classes=[0, 1, 2, 3, 4], threshold=rule,
+                        tau=0.1, n_r=20, curve="sklearn_drop" if rule == "fixed" else "full")
+    _feed_open(eng, 300, strategy_score)
+    with _HostReads(monkeypatch) as hr:
+        m = eng.compute()
+    assert hr.calls["cpu"] == 1 and hr.calls["tolist"] == 1, hr.calls
+    assert all(hr.calls[k] == 0 for k in _HostReads.METHODS if k not in ("cpu", "tolist")), hr.calls
+    assert hr.cpu_args == [(torch.float64, (len(m) + 4,))]  # metrics + tau, n, bad logits, bad scores
+    assert not set(hr.ops) & _HostReads.SYNC_OPS, sorted(set(hr.ops) & _HostReads.SYNC_OPS)
+    assert isinstance(eng.tau_used, float) and eng.num_samples > 0
+
+
+def _feed_open(eng, n, strategy_score, seed=0, ignored=True):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 8, generator=g)
+    y = torch.randint(-1 if ignored else 0, 8, (n,), generator=g)
+    v = torch.round(torch.randn(n, generator=g) * 4) / 4  # ties
+    for a in range(0, n, 64):
+        eng.observe(z[a:a + 64], y[a:a + 64], v[a:a + 64] if strategy_score else None)
+
+
+# frozen copies of the numpy rules the device forms replace (the code before the change)
+def _np_otsu(x):
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if hi == lo:
+        return lo
+    h, e = np.histogram(x, bins=256, range=(lo, hi))
+    h = h.astype(np.float64)
+    c = (e[:-1] + e[1:]) / 2
+    w0 = np.cumsum(h)[:-1]
+    w1 = h.sum() - w0
+    m0 = np.cumsum(h * c)[:-1]
+    m1 = (h * c).sum() - m0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu0, mu1 = m0 / w0, m1 / w1
+        var = np.where((w0 > 0) & (w1 > 0), w0 * w1 * (mu0 - mu1) ** 2, 0.0)
+    k = int(np.argmax(var))
+    return float(e[k + 1])
+
+
+def _np_ros_mean(x):
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if hi == lo:
+        return lo
+    st = (x - lo) / (hi - lo)
+    t = min((math.floor(10 * float(st.mean())) + 1) / 10, 1.0)
+    return lo + t * (hi - lo)
+
+
+def _np_reject_count(x, n_r):
+    x = np.sort(np.asarray(x, dtype=np.float64))
+    return float(np.nextafter(x[int(n_r) - 1], np.inf))
+
+
+def _random_scores(rng, n, kind):
+    if kind == 0:
+        x = rng.normal(size=n)
+    elif kind == 1:
+        x = np.round(rng.normal(size=n), 1)  # ties
+    elif kind == 2:
+        x = np.r_[rng.normal(0, 1, n // 3), rng.normal(4, 0.5, n - n // 3)]
+    elif kind == 3:
+        x = rng.integers(0, 11, n) / 10  # evenly spaced: mean near a multiple of 0.1
+    else:  # values on the histogram's own edges (numpy's ±1 ULP bin correction)
+        e = np.linspace(-1.3, 2.9, 257)
+        x = e[rng.integers(0, 257, n)]
+    if rng.random() < 0.5:
+        x = x.astype(np.float32).astype(np.float64)
+    return x
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 700), kind=st.integers(0, 4))
+def test_device_threshold_rules_equal_numpy(seed, n, kind):
+    """Device forms on a buffer with ignored rows = the numpy rules on the valid rows: exact for
+    Otsu, ros_mean and reject_count; the GMM to 1e-9 (exp/log round differently in numpy and torch)."""
+    rng = np.random.default_rng(seed)
+    x = _random_scores(rng, n, kind)
+    m = int(rng.integers(0, n // 2 + 1))  # ignored rows, anywhere, with garbage values
+    pos = np.sort(rng.integers(0, n + 1, m)) + np.arange(m)
+    mask = np.ones(n + m, dtype=bool)
+    mask[pos] = False
+    full = np.empty(n + m)
+    full[mask] = x
+    full[~mask] = rng.choice([np.nan, np.inf, 1e300, -7.0], m)
+    s, vt = torch.from_numpy(full), torch.from_numpy(mask)
+    assert float(osm._otsu_t(s, vt)) == _np_otsu(x)
+    assert float(osm._ros_mean_t(s, vt)) == _np_ros_mean(x)
+    n_r = int(rng.integers(1, n + 1))
+    assert float(osm._reject_count_t(s, n_r, vt)) == _np_reject_count(x, n_r)
+    g, g0 = float(osm._gmm_t(s, vt)), osm.threshold_gmm(x)
+    assert g == pytest.approx(g0, abs=1e-9 * (1 + abs(g0)))
+    # the device GMM itself does not depend on the ignored rows, bit for bit
+    assert float(osm._gmm_t(torch.from_numpy(x))) == g
+    # the public wrappers keep the numpy results
+    assert osm.threshold_otsu(x) == _np_otsu(x)
+    assert osm.threshold_ros_mean(x) == _np_ros_mean(x)
+    assert osm.threshold_reject_count(x, n_r) == _np_reject_count(x, n_r)
+
+
+def test_numpy_pairwise_sum_replica():
+    rng = np.random.default_rng(5)
+    for size in [1, 7, 8, 9, 127, 128, 129, 256, 1000, 8193, 20000]:
+        for _ in range(3):
+            a = rng.normal(size=size) * 10.0 ** rng.uniform(-4, 4, size)
+            n = int(rng.integers(0, size + 1))
+            buf = torch.from_numpy(np.r_[a[:n], rng.normal(size=size - n)])  # entries past n are not read
+            assert float(osm._np_sum_t(buf, torch.tensor(n))) == float(np.add.reduce(a[:n])), (size, n)
+
+
+def test_ros_mean_on_a_grid_uses_numpy_summation_order():
+    # mean of 0, .1, …, 1.0 sits at 0.5 up to rounding: floor(10·mean) depends on the summation order
+    x = np.arange(11) / 10
+    assert osm.threshold_ros_mean(x) == _np_ros_mean(x)
+    assert float(osm._ros_mean_t(torch.from_numpy(x))) == _np_ros_mean(x)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ignored_rows_change_nothing(rule, seed):
+    """A stream with ignored-label rows (label -1, or an id that is neither known nor unknown) gives
+    exactly the metrics, τ and confusion of the stream of its valid rows alone."""
+    rng = np.random.default_rng(seed)
+    n = 150
+    y = rng.integers(0, 6, n)
+    pc = rng.integers(0, 4, n)
+    v = (np.round(rng.normal(size=n) * 3) / 3).astype(np.float32)
+    z = np.full((n, 7), -1.0, dtype=np.float32)
+    z[np.arange(n), pc] = 1.0
+    kw = dict(num_classes=7, device="cpu", known_classes=[0, 1, 2, 3], unknown_classes=[4, 5], threshold=rule,
+              tau=0.1, n_r=30)
+    for strategy in (True, False):
+        zz = z + rng.normal(0, 0.3, z.shape).astype(np.float32) if not strategy else z
+        ref = create_engine("open_set", **kw)
+        eng = create_engine("open_set", **kw)
+        cuts = np.sort(rng.choice(np.arange(1, n), 5, replace=False))
+        for a, b in zip(np.r_[0, cuts], np.r_[cuts, n]):
+            args = (torch.from_numpy(zz[a:b]), torch.from_numpy(y[a:b]))
+            sv = torch.from_numpy(v[a:b]) if strategy else None
+            ref.observe(*args, sv)
+            m = int(rng.integers(1, 6))  # ignored rows with garbage outputs
+            junk_z = torch.from_numpy(rng.normal(size=(m, 7)).astype(np.float32))
+            junk_z[0, 0] = float("nan")
+            junk_y = torch.from_numpy(rng.choice([-1, 6], m))
+            junk_v = torch.from_numpy(rng.choice([np.nan, np.inf, 5.0, v[a]], m).astype(np.float32))
+            eng.observe(junk_z, junk_y, junk_v if strategy else None)
+            eng.observe(*args, sv)
+        got, want = eng.compute(), ref.compute()
+        assert _same(got, want), {k: (got[k], want[k]) for k in got if not _same({k: got[k]}, {k: want[k]})}
+        assert eng.tau_used == ref.tau_used and eng.num_samples == ref.num_samples == n
+        assert torch.equal(eng.confusion(), ref.confusion())
+
+
+@pytest.mark.parametrize("rule", ["target_otsu", "ros_mean", "reject_count", "target_gmm"])
+def test_engine_tau_equals_numpy_rule_on_valid_scores(rule):
+    eng = create_engine("open_set", num_classes=8, device="cpu", known_classes=[0, 1, 2, 3, 4], threshold=rule,
+                        n_r=40)
+    _feed_open(eng, 500, True, seed=3)
+    m = eng.compute()
+    ym = eng._ym[:500]
+    s = (-eng._score[:500][ym >= 0]).double().numpy()
+    want = {"target_otsu": _np_otsu, "ros_mean": _np_ros_mean, "target_gmm": osm.threshold_gmm,
+            "reject_count": lambda x: _np_reject_count(x, 40)}[rule](s)
+    if rule == "target_gmm":
+        assert eng.tau_used == pytest.approx(want, abs=1e-9)
+    else:
+        assert eng.tau_used == want
+    # and every metric equals the one-shot evaluation at that τ
+    ymv = ym[ym >= 0]
+    one = osm.open_set_metrics(eng._score[:500][ym >= 0], ymv, eng._pc[:500][ym >= 0], 5, tau=eng.tau_used)
+    for key in m:
+        if key in ("unk_classmean", "hos_classmean"):  # need y_orig; covered by the streaming tests
+            continue
+        assert (math.isnan(m[key]) and math.isnan(one[key])) or m[key] == pytest.approx(one[key], abs=1e-12), key
+
+
+def test_reject_count_too_large_is_an_error_after_the_transfer():
+    eng = create_engine("open_set", num_classes=5, device="cpu", known_classes=[0, 1, 2], threshold="reject_count",
+                        n_r=10)
+    eng.observe(torch.eye(5)[:4], torch.tensor([0, 1, 3, -1]), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    with pytest.raises(ValueError, match="n_r must be in 1…3"):
+        eng.compute()
+
+
+# ---- audit item 4: detectors keep float64 -----------------------------------------------------------------
+def test_msp_energy_keep_float64():
+    z = torch.tensor([[20.0, 0.0, 0.0], [21.0, 0.0, 0.0]], dtype=torch.float64)
+    msp = osm.msp_score(z)
+    assert msp.dtype == torch.float64 and msp[0] != msp[1] and msp[1] > msp[0]  # float32 gives 1.0 twice
+    assert osm.energy_score(z).dtype == torch.float64
+    assert osm.msp_score(z.float()).dtype == torch.float32
+    assert osm.msp_score(z.half()).dtype == torch.float32 and osm.energy_score(z.bfloat16()).dtype == torch.float32
+    # the engine's own detector keeps float64 too: the two rows stay distinct (no tie)
+    eng = create_engine("open_set", num_classes=4, device="cpu", known_classes=[0, 1, 2], threshold="fixed", tau=0.0)
+    eng.observe(z, torch.tensor([3, 0]))  # row 0 (margin 20) is the unknown
+    assert eng.compute()["auroc"] == 1.0  # the less confident row is the unknown one; float32 ties give 0.5

@@ -260,7 +260,8 @@ class MetricsEngine:
             top = self._aux[: self._nk].to(f64) / n
             vals += list(torch.where(missing, torch.full_like(top, math.nan), top).unbind())
         if self.chunk_size is not None:
-            vals.append(self._batch_mean_t() if self._batch_mean_ok else torch.tensor(math.nan, dtype=f64))
+            nan = torch.full((), math.nan, dtype=f64, device=self.device)
+            vals.append(self._batch_mean_t() if self._batch_mean_ok else nan)
         if self.groups:
             support = (_support_t(cmx) > 0).to(f64)
             gvals = _masked_mean_t(_per_class_t(cmx).unsqueeze(0), self._gmask * support.unsqueeze(0))

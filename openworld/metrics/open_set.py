@@ -150,7 +150,7 @@ class _Sorted:
         if valid is None:
             vs, self.order = torch.sort(v, stable=True)
             self.vmask = torch.ones(n, dtype=torch.bool, device=dev)
-            self.nv = torch.tensor(n, dtype=torch.long, device=dev)
+            self.nv = torch.full((), n, dtype=torch.long, device=dev)
         else:
             o = torch.sort(v, stable=True).indices
             self.order = o[torch.sort((~valid[o]).to(torch.uint8), stable=True).indices]
@@ -498,7 +498,11 @@ def _np_sum_t(a: Tensor, n: Tensor | int) -> Tensor:
     dev = a.device
     if size == 0:
         return torch.zeros((), dtype=F64, device=dev)
-    n = torch.as_tensor(n, device=dev).to(torch.long).reshape(1)
+    # an int count becomes a device fill (no host→device copy); a device count stays where it is
+    if isinstance(n, Tensor):
+        n = n.to(device=dev, dtype=torch.long).reshape(1)
+    else:
+        n = torch.full((1,), int(n), dtype=torch.long, device=dev)
     depth, m = 0, size
     while m > _PW_BLOCK:  # the largest child of a node of length l is ≤ ⌈l/2⌉ + 7
         m, depth = -(-m // 2) + 7, depth + 1
@@ -609,7 +613,7 @@ def _reject_count_t(s: Tensor, n_r: int, valid: Tensor | None = None) -> Tensor:
     """:func:`threshold_reject_count` on the device (the caller checks 1 ≤ n_r ≤ n_valid)."""
     valid = _valid_or_all(s, valid)
     srt = torch.sort(torch.where(valid, s, torch.full_like(s, math.inf))).values
-    cut = _at(srt, torch.tensor(int(n_r) - 1, device=s.device).clamp(0, max(s.numel() - 1, 0)))
+    cut = srt[min(max(int(n_r) - 1, 0), max(s.numel() - 1, 0))]
     return torch.nextafter(cut, torch.full_like(cut, math.inf))
 
 
@@ -766,7 +770,7 @@ def _threshold_t(rule: str, s: Tensor, valid: Tensor | None, tau: float | None, 
     if rule == "fixed":
         if tau is None:
             raise ValueError("threshold 'fixed' needs tau")
-        return torch.tensor(float(tau), dtype=F64, device=dev)
+        return torch.full((), float(tau), dtype=F64, device=dev)
     if rule == "reject_count" and n_r is None:
         raise ValueError("threshold 'reject_count' needs n_r")
     if rule == "reject_count" and int(n_r) < 1:
@@ -812,7 +816,7 @@ def _all_metrics_t(v: Tensor, ym: Tensor, yo_unk: Tensor, pc: Tensor, k: int, ta
     unk_t = rec[-1]
     os_t = _nanmean_t(rec)
     n_k = known.sum()
-    nan = torch.tensor(NAN, dtype=F64, device=dev)
+    nan = torch.full((), NAN, dtype=F64, device=dev)
     acc_k = torch.diagonal(cm)[:-1].sum().to(F64) / n_k.clamp(min=1).to(F64)
     acc_k = torch.where(n_k > 0, acc_k, nan)
     correct = known & (pc == ym)
