@@ -11,7 +11,7 @@ import inspect
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -20,31 +20,23 @@ from pydantic import (
     Field,
     NonNegativeInt,
     PositiveInt,
-    Strict,
     ValidationError,
     create_model,
 )
 
+from openworld.params import Bool, ConfigError, NonNegInt, Number, OpenUnit, PosInt, Seed32, param_error  # noqa: F401 (re-exported)
 from openworld.registry import BACKBONES, DATASETS, SCENARIOS, STRATEGIES, RegistryError
 
 # Strategy-entry keys that are not constructor parameters.
 _ENTRY_KEYS = {"strategy", "defaults"}
 
 
-class ConfigError(ValueError):
-    """Invalid recipe; ``str(err)`` is the one-line message shown to the user."""
 
 
 # ------------------------------------------------------------------------------------------------
 # Constrained parameter types for component signatures (``check_params`` reads the annotations).
 # Strict: 5.0, "5" and true are not integers (the component would get them unconverted and fail).
 # ------------------------------------------------------------------------------------------------
-PosInt = Annotated[int, Strict(), Field(gt=0)]
-NonNegInt = Annotated[int, Strict(), Field(ge=0)]
-Seed32 = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]  # numpy RandomState seeds
-Bool = Annotated[bool, Strict()]
-Number = Annotated[float, Strict()]  # an int or a float (not a string, not a bool)
-OpenUnit = Annotated[float, Strict(), Field(gt=0, lt=1)]  # (0, 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,9 +444,6 @@ def _check_pretrain(recipe: Recipe, in_backbone: Any) -> None:
 # ------------------------------------------------------------------------------------------------
 # Scenario rules beyond single fields
 # ------------------------------------------------------------------------------------------------
-def param_error(key: str, value: Any, allowed: str) -> ConfigError:
-    """The one-line error of a bad scenario parameter: ``scenario.<key> = <value>: <what is allowed>``."""
-    return ConfigError(f"scenario.{key} = {value!r}: {allowed}")
 
 
 def declared_num_classes(loader, options: dict) -> int | None:

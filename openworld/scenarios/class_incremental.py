@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from openworld.config import Bool, ConfigError, NonNegInt, PosInt, param_error
+from openworld.params import Bool, ConfigError, NonNegInt, PosInt, param_error
 from openworld.registry import DATASETS, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
 from openworld.scenarios.fscil import _jsonable, _labels, _rows_by_class, class_order, pick

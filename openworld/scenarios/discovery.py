@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from openworld.config import NonNegInt, PosInt, Seed32, param_error
 from openworld.metrics.clustering import SharedAssignment  # also registers the "clustering" metrics engine
+from openworld.params import NonNegInt, PosInt, Seed32, param_error
 from openworld.registry import DATASETS, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
 from openworld.scenarios.fscil import _jsonable, _labels, pick

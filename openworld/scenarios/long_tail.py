@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from openworld.config import Bool, NonNegInt, Number, Seed32, param_error
 from openworld.data.views import FileData, TensorData
+from openworld.params import Bool, NonNegInt, Number, Seed32, param_error
 from openworld.registry import DATASETS, register_dataset, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
 

@@ -62,10 +62,10 @@ import numpy as np
 import torch
 
 import openworld.data.domains  # noqa: F401  (registers digits28, office_home, office31, domainnet)
-from openworld.config import NonNegInt, OpenUnit, PosInt, param_error
 from openworld.data.corruptions import corrupt, parse_domain
 from openworld.data.views import TensorData, concat
 from openworld.metrics.engine import mean_ci95
+from openworld.params import NonNegInt, OpenUnit, PosInt, param_error
 from openworld.registry import DATASETS, register_scenario
 from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash_indices
 from openworld.scenarios.fscil import _jsonable, _labels
