@@ -34,12 +34,6 @@ _ENTRY_KEYS = {"strategy", "defaults"}
 
 
 # ------------------------------------------------------------------------------------------------
-# Constrained parameter types for component signatures (``check_params`` reads the annotations).
-# Strict: 5.0, "5" and true are not integers (the component would get them unconverted and fail).
-# ------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------
 # Schema
 # ------------------------------------------------------------------------------------------------
 class _Strict(BaseModel):

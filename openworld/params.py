@@ -15,6 +15,8 @@ class ConfigError(ValueError):
     """Invalid recipe; ``str(err)`` is the one-line message shown to the user."""
 
 
+# Constrained parameter types for component signatures (config.check_params reads the annotations).
+# Strict: 5.0, "5" and true are not integers (the component would get them unconverted and fail).
 PosInt = Annotated[int, Strict(), Field(gt=0)]
 NonNegInt = Annotated[int, Strict(), Field(ge=0)]
 Seed32 = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]  # numpy RandomState seeds
