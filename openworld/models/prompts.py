@@ -16,7 +16,7 @@ activations to the prompts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -112,9 +112,14 @@ class OnePrompt(nn.Module):
         return self.prompts[key] if key in self.prompts else None
 
 
-def prefix_attention(attn: nn.Module, x: Tensor, prompt: Tensor) -> Tensor:
-    """timm ``Attention`` on ``x`` [B, N, D] with ``prompt`` [L, D] as prefix keys (rows 0…L/2−1) and
-    values (rows L/2…L−1), per head, before the tokens' own; output [B, N, D]."""
+def prefix_attention(attn: nn.Module, x: Tensor, prompt: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """timm ``Attention`` on ``x`` [B, N, D] with a prefix of extra keys and values, per head, placed before
+    the tokens' own; output [B, N, D]. Queries are not extended.
+
+    ``prompt`` is either one matrix [L, D] shared by the batch (rows 0…L/2−1 keys, L/2…L−1 values: the
+    OnePrompt layout) or a pair ``(keys, values)`` of per-sample prefixes [B, L_k, D] / [B, L_v, D] (the
+    prompt-pool methods, whose prefix depends on the input's query).
+    """
     if getattr(attn, "gate", None) is not None:
         raise TypeError("prefix attention: gated attention (timm 'gate') is not supported")
     B, N, _ = x.shape
@@ -123,15 +128,44 @@ def prefix_attention(attn: nn.Module, x: Tensor, prompt: Tensor) -> Tensor:
     qkv = attn.qkv(x).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    half = prompt.shape[0] // 2
-    pk = prompt[:half].reshape(half, H, hd).permute(1, 0, 2).unsqueeze(0).expand(B, -1, -1, -1)
-    pv = prompt[half:].reshape(half, H, hd).permute(1, 0, 2).unsqueeze(0).expand(B, -1, -1, -1)
+    if isinstance(prompt, Tensor):
+        half = prompt.shape[0] // 2
+        pk = prompt[:half].reshape(half, H, hd).permute(1, 0, 2).unsqueeze(0).expand(B, -1, -1, -1)
+        pv = prompt[half:].reshape(half, H, hd).permute(1, 0, 2).unsqueeze(0).expand(B, -1, -1, -1)
+    else:
+        keys, values = prompt
+        if keys.dim() != 3 or values.dim() != 3 or len(keys) != B or len(values) != B:
+            raise ValueError(f"prefix attention: per-sample keys/values must be [B={B}, L, D], got "
+                             f"{tuple(keys.shape)} and {tuple(values.shape)}")
+        pk = keys.reshape(B, -1, H, hd).permute(0, 2, 1, 3)
+        pv = values.reshape(B, -1, H, hd).permute(0, 2, 1, 3)
     k = torch.cat([pk.to(k.dtype), k], dim=2)
     v = torch.cat([pv.to(v.dtype), v], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, scale=float(attn.scale))
     out = out.transpose(1, 2).reshape(B, N, H * hd)
     out = attn.norm(out)
     return attn.proj_drop(attn.proj(out))
+
+
+def prefixed_vit_forward(vit: nn.Module, x: Tensor, prefix_for: Callable[[int], Any] | None = None) -> Tensor:
+    """The timm ViT's forward pass, block l attending with ``prefix_for(l)`` as prefix (see
+    :func:`prefix_attention`; ``None`` → the block unchanged); returns the CLS feature after the final norm.
+
+    ``prefix_for=None`` is the plain frozen ViT (the prompt-pool methods' query function).
+    """
+    x = vit.patch_embed(x)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    x = vit.norm_pre(x)
+    for i, blk in enumerate(vit.blocks):
+        p = prefix_for(i) if prefix_for is not None else None
+        if p is None:
+            x = blk(x)
+        else:
+            x = x + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, blk.norm1(x), p)))
+            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    x = vit.norm(x)
+    return vit.fc_norm(x[:, 0])
 
 
 class PromptedViT(nn.Module):
@@ -159,17 +193,4 @@ class PromptedViT(nn.Module):
         return list(self.prompt.parameters())
 
     def forward(self, x: Tensor, use_prompts: bool = True) -> Tensor:
-        vit = self.vit
-        x = vit.patch_embed(x)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        for i, blk in enumerate(vit.blocks):
-            p = self.prompt.get(i) if use_prompts else None
-            if p is None:
-                x = blk(x)
-            else:
-                x = x + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, blk.norm1(x), p)))
-                x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-        x = vit.norm(x)
-        return vit.fc_norm(x[:, 0])
+        return prefixed_vit_forward(self.vit, x, self.prompt.get if use_prompts else None)
