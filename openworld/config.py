@@ -123,6 +123,8 @@ class Recipe(_Strict):
     log_every: PositiveInt = 50
     eval_batch_size: PositiveInt = 256
     num_workers: NonNegativeInt = 0
+    # CPU threads per run (None: torch's default); results on CPU depend on it, so it is recorded
+    threads: PositiveInt | None = None
     metrics: MetricsSection = MetricsSection()
 
     def strategy_class(self, entry: str):

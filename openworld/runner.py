@@ -227,8 +227,8 @@ class Runner:
         self.stop_after_session = stop_after_session  # testing hook: simulates a kill after session i
         # CPU threads, set again at the start of every run (a library may change them): results are the
         # same bit for bit only for the same thread count (and instruction set; both in environment.json).
-        self._threads_explicit = bool(threads or getattr(recipe, "threads", None))
-        self.threads = int(threads or getattr(recipe, "threads", None) or torch.get_num_threads())
+        self._threads_explicit = bool(threads or recipe.threads)
+        self.threads = int(threads or recipe.threads or torch.get_num_threads())
         if self.threads < 1:
             raise ValueError(f"threads must be a positive integer, got {self.threads}")
         self._scenarios: dict[tuple, Scenario] = {}

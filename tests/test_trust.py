@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openworld.config import load_recipe, validate_recipe
+from openworld.config import ConfigError, load_recipe, validate_recipe
 from openworld.runner import ResumeMismatchError, Runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,3 +333,16 @@ def test_readme_plugin_example_resumes_to_the_same_numbers(tmp_path, monkeypatch
     resumed = runner(tmp_path / "cut", ["strategies={my_ncm: {}}"], resume=True).run()[0]
     assert ref.status == resumed.status == "finished"
     assert metrics_only(results(ref.run_dir)) == metrics_only(results(resumed.run_dir))
+
+
+def test_recipe_threads_key_is_validated_and_used(tmp_path):
+    assert load_recipe(QUICKSTART, ["threads=1"]).threads == 1
+    assert load_recipe(QUICKSTART).threads is None
+    with pytest.raises(ConfigError) as err:
+        load_recipe(QUICKSTART, ["threads=0"])
+    assert "threads = 0: Input should be greater than 0" in str(err.value)
+    before = torch.get_num_threads()
+    try:
+        assert runner(tmp_path, ["threads=1"], strategies=["ncm"]).threads == 1
+    finally:
+        torch.set_num_threads(before)
