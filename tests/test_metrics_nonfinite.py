@@ -211,3 +211,17 @@ def test_cuda_bad_row_counting_never_syncs():
     for eng in (meng, oeng):
         with pytest.raises(NonFiniteError, match="1 of 8"):
             eng.compute()
+
+
+def test_long_tail_engine_raises_on_nan_logits_and_scores_finite_ones():
+    from openworld.metrics.long_tail import LongTailEngine
+
+    eng = LongTailEngine(3, train_counts=[100, 30, 5])
+    eng.update(None, T([0, 1, 2]), logits=T([[NAN, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, INF]]))
+    with pytest.raises(NonFiniteError) as ei:
+        eng.compute()
+    assert (ei.value.what, ei.value.rows, ei.value.total) == ("logits", 2, 3)
+    eng = LongTailEngine(3, train_counts=[100, 30, 5])
+    eng.update(None, T([0, 1, 2]), logits=T([[1.0, 0.0, -INF], [0.0, 1.0, 0.0], [0.0, 2.0, 0.0]]))
+    out = eng.compute()
+    assert out["acc"] == pytest.approx(2 / 3) and eng.num_samples == 3

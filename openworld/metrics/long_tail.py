@@ -136,6 +136,8 @@ class LongTailEngine(MetricsEngine):
             top = self._aux[: self._nk].to(f64) / n
             vals += list(torch.where(missing, torch.full_like(top, float("nan")), top).unbind())
         vals.append(n)
+        vals += list(self._nonfinite_t().unbind())
         host = torch.stack([v.to(device=self.device, dtype=f64) for v in vals]).cpu().tolist()
+        self._raise_nonfinite(host.pop(-2), host.pop())
         self.num_samples = int(host.pop())
         return dict(zip(self.metric_names(), host))
