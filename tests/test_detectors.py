@@ -178,3 +178,12 @@ def test_mahalanobis_ridge_only_when_singular():
     x[:, 2] = 1.0  # a constant feature: Σ is singular
     m = MahalanobisModel.fit(x, y, [0, 1])
     assert m.ridge > 0 and torch.isfinite(m.score(x)).all()
+
+
+def test_detector_forwards_its_base_strategys_protocol_flags():
+    msp = STRATEGIES.get("msp")
+    assert not msp().uses_oracle_data() and not msp().selects_on_test()
+    assert not msp(base="joint").uses_oracle_data()
+    assert msp(base="joint", base_params={"data": "full"}).uses_oracle_data()
+    assert msp(base="teen", base_params={"session0_report": "max"}).selects_on_test() == STRATEGIES.get("teen")(
+        session0_report="max").selects_on_test()

@@ -522,6 +522,25 @@ class DetectorStrategy(Strategy):
             return f"reject_count(n_r={self.n_r}) on the unlabelled target scores"
         return f"{self.threshold} on the unlabelled target scores"
 
+    def _base_strategy(self) -> Strategy | None:
+        """The base strategy (the live one once built; before that an unbuilt instance, whose protocol
+        flags depend on its parameters only)."""
+        if self.base is None:
+            return None
+        inner = getattr(self, "inner", None)  # set in setup()
+        return inner if inner is not None else STRATEGIES.get(self.base)(**self.base_params)
+
+    def uses_oracle_data(self) -> bool:
+        """The base strategy's flag: an oracle base (e.g. ``joint`` with ``data: full``) needs the withheld
+        data, and the run is then marked not comparable."""
+        inner = self._base_strategy()
+        return bool(inner is not None and inner.uses_oracle_data())
+
+    def selects_on_test(self) -> bool:
+        """The base strategy's flag (its epoch selection on the test set makes this run not clean too)."""
+        inner = self._base_strategy()
+        return bool(inner is not None and inner.selects_on_test())
+
     def run_info(self) -> dict[str, Any]:
         """τ on the known-ness score s (accept iff s ≥ τ) and the rule that chose it, plus alignment facts."""
         info: dict[str, Any] = {}
