@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--mem-gb", type=int, help="slurm: memory per job")
     sw.add_argument("--dry-run", action="store_true", help="list the jobs and stop")
 
+    rep = sub.add_parser("report", help="regenerate the published tables (generated blocks in the docs) from runs")
+    rep.add_argument("docs", nargs="*", metavar="DOC",
+                     help="documents or folders (default: BENCHMARKS.md, docs/results/, docs/evidence.md)")
+    rep.add_argument("--runs", default="runs/report",
+                     help="runs root; block <id> uses <runs>/<id>/ (default runs/report)")
+    rep.add_argument("--run", action="store_true", help="first run (or resume) every run a block needs and lacks")
+    rep.add_argument("--check", action="store_true",
+                     help="write nothing; fail (exit 1) when a regenerated block differs from the committed text")
+    rep.add_argument("--only", type=_csv, help="comma-separated block ids (default: all)")
+    rep.add_argument("--evidence", default="docs/evidence.json",
+                     help="where the claims go (default docs/evidence.json)")
+
     lst = sub.add_parser("list", help="list registered components")
     lst.add_argument(
         "what", nargs="?", default="all", choices=["all", "strategies", "scenarios", "datasets", "backbones"]
@@ -183,6 +195,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from openworld.config import ConfigError
+    from openworld.report import ReportError, report
+
+    try:
+        result = report(args.docs or None, args.runs, run=args.run, check=args.check, only=args.only,
+                        evidence_path=args.evidence, stream=sys.stderr)
+    except (ReportError, ConfigError, FileNotFoundError) as exc:
+        print(f"openworld: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        for diff in result.diffs:
+            print(diff)
+        if result.changed:
+            print(f"openworld report --check: {len(result.changed)} block(s) differ from the committed text: "
+                  + "; ".join(result.changed), file=sys.stderr)
+            return 1
+        print("openworld report --check: every block matches its runs", file=sys.stderr)
+        return 0
+    for path in result.written:
+        print(f"written: {path}", file=sys.stderr)
+    held = sum(bool(e["holds"]) for e in result.evidence)
+    if result.evidence:
+        print(f"claims: {held}/{len(result.evidence)} hold", file=sys.stderr)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from pathlib import Path
 
@@ -247,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare, "sweep": cmd_sweep}[
+    handler = {"run": cmd_run, "validate": cmd_validate, "list": cmd_list, "compare": cmd_compare, "sweep": cmd_sweep,
+               "report": cmd_report}[
         args.command
     ]
     return handler(args)

@@ -1,0 +1,400 @@
+"""Published tables as generated blocks: ``openworld report`` rewrites them from run directories.
+
+A document (``BENCHMARKS.md``, ``docs/results/*.md``, ``docs/evidence.md``) holds blocks between markers::
+
+    <!-- report:begin id=cil_small_prompts recipe=scenarios/cil_small.yaml strategies=ovor,oneprompt
+         seeds=0,1,2 std=population metrics=avg_acc_tasks,forgetting data=../shared/data -->
+    …generated: the exact command, then the ``openworld compare`` table…
+    <!-- report:end -->
+
+The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which runs a block shows:
+
+* ``id`` (required, unique over all documents): its runs live in ``<runs root>/<id>/`` (so two blocks
+  never share run directories, whatever their overrides);
+* ``recipe`` (required), ``strategies`` / ``seeds`` (default: the recipe's), ``set=KEY=VALUE`` (recipe
+  overrides), ``data`` (the data root, passed as ``OPENWORLD_DATA``), ``threads`` (CPU threads per run,
+  default 1: results on CPU depend on it);
+* ``metrics`` (default: the scenario's headline metrics), ``std`` (``sample`` | ``population``);
+* ``claim`` (optional) makes the block an evidence claim: ``method``, ``baseline``, ``metric`` and
+  ``direction`` (``higher`` | ``lower``) are then required; the claim's per-seed values, means, paired
+  t-test p-value and ``holds`` go into ``docs/evidence.json`` (:func:`evidence_entry`).
+
+``report`` regenerates every block from the finished runs; ``--run`` first runs what is missing (the same
+command the block shows, resumable: finished runs are kept, a changed recipe is refused); ``--check``
+regenerates and fails when the text of a block differs from the committed one. Timings are never part of a
+block, so a rerun on the same CPU with the same threads reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openworld.compare import (
+    SIGNIFICANCE_LEVEL,
+    STD_CONVENTIONS,
+    STD_LABELS,
+    compare,
+    mean_std,
+    metric_values,
+    paired_p_value,
+)
+
+BEGIN = "<!-- report:begin "
+END = "<!-- report:end -->"
+_BLOCK = re.compile(r"<!-- report:begin (?P<attrs>.*?)-->\n(?P<body>.*?)<!-- report:end -->", re.S)
+DEFAULT_DOCS = ("BENCHMARKS.md", "docs/results", "docs/evidence.md")
+DEFAULT_RUNS = Path("runs") / "report"
+EVIDENCE_JSON = Path("docs") / "evidence.json"
+_KEYS = {"id", "recipe", "strategies", "seeds", "set", "data", "threads", "metrics", "std", "claim", "method",
+         "baseline", "metric", "direction", "note"}
+_CLAIM_KEYS = ("method", "baseline", "metric", "direction")
+
+
+class ReportError(ValueError):
+    """A block that cannot be generated: names the document, the block and what is wrong."""
+
+
+@dataclass
+class Block:
+    doc: Path
+    id: str
+    recipe: str
+    attrs: dict[str, Any]
+    body: str
+    sets: list[str] = field(default_factory=list)
+
+    def where(self) -> str:
+        return f"{self.doc}: block {self.id!r}"
+
+    def get(self, key: str, default=None):
+        return self.attrs.get(key, default)
+
+    @property
+    def strategies(self) -> list[str] | None:
+        s = self.get("strategies")
+        return s.split(",") if s else None
+
+    @property
+    def seeds(self) -> list[int] | None:
+        s = self.get("seeds")
+        if not s:
+            return None
+        try:
+            return [int(x) for x in s.split(",")]
+        except ValueError:
+            raise ReportError(f"{self.where()}: seeds = {s!r}: expected comma-separated integers") from None
+
+    @property
+    def threads(self) -> int:
+        try:
+            n = int(self.get("threads", 1))
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ReportError(f"{self.where()}: threads = {self.get('threads')!r}: expected an integer >= 1")
+        return n
+
+    @property
+    def std(self) -> str:
+        std = self.get("std", "sample")
+        if std not in STD_CONVENTIONS:
+            raise ReportError(f"{self.where()}: std = {std!r}; allowed: {', '.join(STD_CONVENTIONS)}")
+        return std
+
+    @property
+    def is_claim(self) -> bool:
+        return "claim" in self.attrs
+
+    def run_dir(self, runs_root: Path) -> Path:
+        return runs_root / self.id
+
+    def command(self, runs_root: Path) -> str:
+        """The exact command that makes this block's runs (what ``--run`` executes)."""
+        parts = []
+        if self.get("data"):
+            parts.append(f"OPENWORLD_DATA={shlex.quote(self.get('data'))}")
+        parts += ["openworld", "run", self.recipe]
+        if self.strategies:
+            parts += ["--strategies", ",".join(self.strategies)]
+        if self.seeds is not None:
+            parts += ["--seeds", ",".join(map(str, self.seeds))]
+        for s in self.sets:
+            parts += ["--set", shlex.quote(s)]
+        parts += ["--threads", str(self.threads), "--out", str(self.run_dir(runs_root)), "--resume"]
+        return " ".join(parts)
+
+
+def parse_blocks(doc: Path, text: str | None = None) -> list[Block]:
+    text = doc.read_text() if text is None else text
+    blocks = []
+    for m in _BLOCK.finditer(text):
+        try:
+            tokens = shlex.split(m.group("attrs").replace("\n", " "))
+        except ValueError as exc:
+            raise ReportError(f"{doc}: a report block's attributes do not parse ({exc})") from None
+        attrs: dict[str, Any] = {}
+        sets: list[str] = []
+        for tok in tokens:
+            key, sep, value = tok.partition("=")
+            if not sep:
+                raise ReportError(f"{doc}: report block attribute {tok!r}: expected key=value")
+            if key not in _KEYS:
+                raise ReportError(
+                    f"{doc}: report block attribute {key!r}: unknown; allowed: {', '.join(sorted(_KEYS))}")
+            if key == "set":
+                sets.append(value)
+            else:
+                attrs[key] = value
+        for key in ("id", "recipe"):
+            if not attrs.get(key):
+                raise ReportError(f"{doc}: a report block has no {key}= (attributes: {m.group('attrs').strip()!r})")
+        block = Block(doc, attrs["id"], attrs["recipe"], attrs, m.group("body"), sets)
+        if block.is_claim:
+            missing = [k for k in _CLAIM_KEYS if not attrs.get(k)]
+            if missing:
+                raise ReportError(f"{block.where()}: a claim needs {', '.join(missing)}")
+            if attrs["direction"] not in ("higher", "lower"):
+                raise ReportError(f"{block.where()}: direction = {attrs['direction']!r}; allowed: higher, lower")
+        blocks.append(block)
+    if text.count(BEGIN) != len(blocks) or text.count(END) != len(blocks):
+        raise ReportError(f"{doc}: unbalanced report markers ({text.count(BEGIN)} begin, {text.count(END)} end, "
+                          f"{len(blocks)} well-formed blocks)")
+    return blocks
+
+
+def find_docs(paths: list[str | Path] | None = None) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths or DEFAULT_DOCS):
+        if p.is_dir():
+            out += sorted(p.glob("*.md"))
+        elif p.is_file():
+            out.append(p)
+        elif paths:  # a path the user named must exist; the defaults may not
+            raise ReportError(f"{p}: no such document or folder")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Running and rendering
+# ------------------------------------------------------------------------------------------------
+def expected_runs(block: Block) -> tuple[list[tuple[str, int]], str]:
+    """(strategy entry, seed) pairs the block shows (from the recipe and the block's selection), and the
+    recipe's name (the folder its runs go to)."""
+    from openworld.config import ConfigError, load_recipe
+
+    try:
+        recipe = load_recipe(block.recipe, block.sets)
+    except ConfigError as exc:
+        raise ReportError(f"{block.where()}: {exc}") from None
+    strategies = block.strategies or list(recipe.strategies)
+    unknown = [s for s in strategies if s not in recipe.strategies]
+    if unknown:
+        raise ReportError(f"{block.where()}: strategies {', '.join(unknown)} are not in {block.recipe} "
+                          f"(it has {', '.join(recipe.strategies)})")
+    seeds = block.seeds if block.seeds is not None else list(recipe.seeds)
+    return [(s, k) for s in strategies for k in seeds], recipe.name
+
+
+def missing_runs(block: Block, runs_root: Path) -> list[str]:
+    pairs, name = expected_runs(block)
+    missing = []
+    for strategy, seed in pairs:
+        f = block.run_dir(runs_root) / name / strategy / f"seed{seed}" / "results.json"
+        status = json.loads(f.read_text()).get("status") if f.is_file() else None
+        if status not in ("finished", "failed"):
+            missing.append(f"{strategy}/seed{seed}")
+    return missing
+
+
+def run_block(block: Block, runs_root: Path, stream=None) -> None:
+    """Run (or resume) the block's missing runs with exactly the command it shows."""
+    from openworld.config import load_recipe
+    from openworld.runner import Runner
+
+    env_before = os.environ.get("OPENWORLD_DATA")
+    if block.get("data"):
+        os.environ["OPENWORLD_DATA"] = block.get("data")
+    try:
+        recipe = load_recipe(block.recipe, block.sets)
+        Runner(recipe, out=block.run_dir(runs_root), resume=True, strategies=block.strategies, seeds=block.seeds,
+               progress=False, threads=block.threads, stream=stream).run()
+    finally:
+        if block.get("data"):
+            if env_before is None:
+                os.environ.pop("OPENWORLD_DATA", None)
+            else:
+                os.environ["OPENWORLD_DATA"] = env_before
+
+
+def _runs_of(block: Block, runs_root: Path) -> list[Path]:
+    pairs, name = expected_runs(block)
+    return [block.run_dir(runs_root) / name / s / f"seed{k}" for s, k in pairs]
+
+
+def evidence_entry(block: Block, runs_root: Path) -> dict[str, Any]:
+    """The claim's record: per-seed values of method and baseline, means, paired t-test p, ``holds``."""
+    result = compare(_runs_of(block, runs_root), [block.get("metric")], std=block.std)
+    groups = {g.label: g for g in result.groups}
+    for role in ("method", "baseline"):
+        if block.get(role) not in groups:
+            raise ReportError(f"{block.where()}: {role} {block.get(role)!r} has no runs (groups: {', '.join(groups)})")
+    metric = block.get("metric")
+    a = metric_values(groups[block.get("method")], metric)
+    b = metric_values(groups[block.get("baseline")], metric)
+    seeds = sorted(set(a) & set(b))
+    mean_a = mean_std([a[s] for s in seeds])[0]
+    mean_b = mean_std([b[s] for s in seeds])[0]
+    p = paired_p_value(a, b)
+    right = mean_a is not None and mean_b is not None and (
+        mean_a > mean_b if block.get("direction") == "higher" else mean_a < mean_b)
+    return {
+        "claim": block.get("claim"),
+        "method": block.get("method"),
+        "baseline": block.get("baseline"),
+        "recipe": block.recipe,
+        "overrides": block.sets,
+        "metric": metric,
+        "direction": block.get("direction"),
+        "seeds": seeds,
+        "method_values": [a[s] for s in seeds],
+        "baseline_values": [b[s] for s in seeds],
+        "method_mean": mean_a,
+        "baseline_mean": mean_b,
+        "difference": None if mean_a is None or mean_b is None else mean_a - mean_b,
+        "p_value": p,
+        "test": "two-sided paired t-test over seeds (scipy.stats.ttest_rel)",
+        "holds": bool(right and p is not None and p < SIGNIFICANCE_LEVEL),
+        "command": block.command(DEFAULT_RUNS),
+        "doc": str(block.doc),
+        "note": block.get("note", ""),
+    }
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def render(block: Block, runs_root: Path) -> str:
+    """The block's generated text (between its markers): the command, then the table."""
+    missing = missing_runs(block, runs_root)
+    if missing:
+        raise ReportError(
+            f"{block.where()}: runs missing under {block.run_dir(runs_root)}: {', '.join(missing)} "
+            f"(make them with `openworld report --run --only {block.id}`)"
+        )
+    lines = ["```bash", block.command(DEFAULT_RUNS), "```", ""]
+    metrics = block.get("metrics")
+    result = compare(_runs_of(block, runs_root), metrics.split(",") if metrics else None, std=block.std)
+    table = result.to_markdown()
+    # failed runs are listed with their directory: print it relative to the runs root (machine-independent)
+    table = table.replace(str(runs_root.resolve()) + os.sep, "").replace(str(runs_root) + os.sep, "")
+    lines.append(table)
+    if block.is_claim:
+        e = evidence_entry(block, runs_root)
+        per_seed = ", ".join(f"{s}: {_fmt(x)} vs {_fmt(y)}" for s, x, y in
+                             zip(e["seeds"], e["method_values"], e["baseline_values"]))
+        lines += ["", f"**Claim `{e['claim']}`**: {e['method']} {e['direction']} {e['metric']} than {e['baseline']} — "
+                  f"{_fmt(e['method_mean'])} vs {_fmt(e['baseline_mean'])} (Δ {_fmt(e['difference'])}), paired "
+                  f"t-test p = {_fmt(e['p_value'], 4)} over {len(e['seeds'])} seeds → "
+                  f"**{'holds' if e['holds'] else 'does not hold'}** "
+                  f"(holds = the right sign and p < {SIGNIFICANCE_LEVEL}). "
+                  f"Per seed ({e['method']} vs {e['baseline']}): {per_seed}."]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ReportResult:
+    changed: list[str]          # "doc: block id" whose text differs from the committed one
+    diffs: list[str]
+    evidence: list[dict]
+    written: list[Path]
+
+
+def report(docs: list[str | Path] | None = None, runs_root: str | Path = DEFAULT_RUNS, *, run: bool = False,
+           check: bool = False, only: list[str] | None = None, evidence_path: str | Path | None = EVIDENCE_JSON,
+           stream=None) -> ReportResult:
+    """Regenerate the blocks of ``docs`` (default: BENCHMARKS.md, docs/results/*.md, docs/evidence.md).
+
+    ``run``: run the missing runs first. ``check``: write nothing; report every block whose regenerated
+    text differs. ``only``: block ids to handle (default all). Evidence claims go to ``evidence_path``.
+    """
+    runs_root = Path(runs_root)
+    paths = find_docs(docs)
+    all_blocks = {p: parse_blocks(p) for p in paths}
+    ids: dict[str, Block] = {}
+    for blocks in all_blocks.values():
+        for b in blocks:
+            if b.id in ids:
+                raise ReportError(f"{b.where()}: id also used in {ids[b.id].doc}")
+            ids[b.id] = b
+    if only:
+        unknown = [i for i in only if i not in ids]
+        if unknown:
+            raise ReportError(f"--only {', '.join(unknown)}: no such block (blocks: {', '.join(ids) or 'none'})")
+    selected = [b for b in ids.values() if not only or b.id in only]
+    if run:
+        for b in selected:
+            if missing_runs(b, runs_root):
+                if stream is not None:
+                    print(f"report: running {b.where()}: {b.command(runs_root)}", file=stream)
+                run_block(b, runs_root, stream=stream)
+    changed, diffs, evidence, written = [], [], [], []
+    new_text: dict[Path, str] = {}
+    for doc, blocks in all_blocks.items():
+        text = doc.read_text()
+        for b in blocks:
+            if b not in selected:
+                continue
+            body = render(b, runs_root)
+            if b.is_claim:
+                evidence.append(evidence_entry(b, runs_root))
+            if body != b.body:
+                changed.append(b.where())
+                diffs.append("".join(difflib.unified_diff(
+                    b.body.splitlines(keepends=True), body.splitlines(keepends=True),
+                    fromfile=f"{doc} [{b.id}] committed", tofile=f"{doc} [{b.id}] regenerated")))
+                text = _replace_body(text, b, body)
+        new_text[doc] = text
+    if not check:
+        for doc, text in new_text.items():
+            if text != doc.read_text():
+                doc.write_text(text)
+                written.append(doc)
+        if evidence and evidence_path is not None:
+            written.append(_write_evidence(Path(evidence_path), evidence, replace_all=not only))
+    return ReportResult(changed, diffs, evidence, written)
+
+
+def _replace_body(text: str, block: Block, body: str) -> str:
+    for m in _BLOCK.finditer(text):
+        attrs = m.group("attrs")
+        if re.search(rf"(^|\s)id={re.escape(block.id)}(\s|$)", attrs):
+            return text[: m.start("body")] + body + text[m.end("body"):]
+    raise ReportError(f"{block.where()}: block vanished while rewriting")  # pragma: no cover
+
+
+def _write_evidence(path: Path, entries: list[dict], replace_all: bool) -> Path:
+    """``docs/evidence.json``: all claims (with ``--only``, the named ones are updated in place)."""
+    old = []
+    if not replace_all and path.is_file():
+        old = json.loads(path.read_text()).get("claims", [])
+    by_claim = {e["claim"]: e for e in old}
+    by_claim.update({e["claim"]: e for e in entries})
+    claims = sorted(by_claim.values(), key=lambda e: e["claim"])
+    payload = {
+        "significance_level": SIGNIFICANCE_LEVEL,
+        "std": STD_LABELS,
+        "generated_by": "openworld report",
+        "claims": claims,
+        "summary": {"claims": len(claims), "hold": sum(bool(e["holds"]) for e in claims)},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False, default=str) + "\n")
+    return path
