@@ -10,7 +10,8 @@ A document (``BENCHMARKS.md``, ``docs/results/*.md``, ``docs/evidence.md``) hold
 The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which runs a block shows:
 
 * ``id`` (required, unique over all documents): its runs live in ``<runs root>/<id>/`` (so two blocks
-  never share run directories, whatever their overrides);
+  never share run directories, whatever their overrides), or in ``<runs root>/<runs>/`` with ``runs=`` (a
+  second view of the same runs; give it the same recipe, overrides and seeds);
 * ``recipe`` (required), ``strategies`` / ``seeds`` (default: the recipe's), ``set=KEY=VALUE`` (recipe
   overrides), ``data`` (the data root, passed as ``OPENWORLD_DATA``), ``threads`` (CPU threads per run,
   default 1: results on CPU depend on it);
@@ -53,7 +54,7 @@ DEFAULT_DOCS = ("BENCHMARKS.md", "docs/results", "docs/evidence.md")
 DEFAULT_RUNS = Path("runs") / "report"
 EVIDENCE_JSON = Path("docs") / "evidence.json"
 _KEYS = {"id", "recipe", "strategies", "seeds", "set", "data", "threads", "metrics", "std", "claim", "method",
-         "baseline", "metric", "direction", "note"}
+         "baseline", "metric", "direction", "note", "runs"}
 _CLAIM_KEYS = ("method", "baseline", "metric", "direction")
 
 
@@ -113,7 +114,8 @@ class Block:
         return "claim" in self.attrs
 
     def run_dir(self, runs_root: Path) -> Path:
-        return runs_root / self.id
+        # runs=<other id>: share another block's runs (e.g. two claims on one set of runs)
+        return runs_root / self.attrs.get("runs", self.id)
 
     def command(self, runs_root: Path) -> str:
         """The exact command that makes this block's runs (what ``--run`` executes)."""

@@ -30,6 +30,8 @@ def test_block_attributes_are_parsed_and_bad_ones_named(tmp_path):
     assert b.command(Path("runs/report")) == (
         f"openworld run {QUICKSTART} --strategies ncm,teen --seeds 0,1 --set base.epochs=2 "
         "--set strategies.finetune.epochs=1 --threads 1 --out runs/report/q --resume")
+    (shared,) = parse_blocks(doc_with(tmp_path, f"id=q2 runs=q recipe={QUICKSTART}"))
+    assert shared.run_dir(Path("r")) == Path("r/q") and "--out r/q " in shared.command(Path("r"))
     for attrs, msg in [
         (f"id=q recipe={QUICKSTART} colour=red", "report block attribute 'colour': unknown; allowed:"),
         (f"recipe={QUICKSTART}", "a report block has no id="),
