@@ -225,3 +225,19 @@ def test_long_tail_engine_raises_on_nan_logits_and_scores_finite_ones():
     eng.update(None, T([0, 1, 2]), logits=T([[1.0, 0.0, -INF], [0.0, 1.0, 0.0], [0.0, 2.0, 0.0]]))
     out = eng.compute()
     assert out["acc"] == pytest.approx(2 / 3) and eng.num_samples == 3
+
+
+def test_clustering_engine_raises_on_nan_logits():
+    from openworld.metrics.clustering import ClusteringEngine
+
+    eng = ClusteringEngine(3, old_classes=[0])
+    eng.observe(T([[NAN, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [NAN, 1.0, 0.0]]), T([0, 1, 2, -1]))
+    with pytest.raises(NonFiniteError) as ei:
+        eng.compute()
+    assert (ei.value.what, ei.value.rows, ei.value.total) == ("logits", 1, 3)  # the unlabelled row is not counted
+    eng = ClusteringEngine(3, old_classes=[0])
+    eng.observe(T([[1.0, 0.0, -INF], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), T([0, 1, 2]))
+    assert eng.compute()["all_v2"] == 1.0
+    eng.reset()
+    eng.observe(T([1, 2, 0]), T([0, 1, 2]))  # integer cluster ids: nothing to check
+    assert eng.compute()["all_v2"] == 1.0

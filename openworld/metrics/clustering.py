@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .classification import LOGITS_DETAIL, NonFiniteError, _nonfinite_rows_t
 from .engine import register_engine
 
 __all__ = [
@@ -386,7 +387,8 @@ class ClusteringEngine:
         if kp <= 0:
             raise ValueError(f"num_clusters must be positive, got {kp}")
         self.num_clusters = kp
-        self._buf = torch.zeros(self.num_classes * (kp + 1) + 1, dtype=torch.int64, device=self.device)
+        # counts [K_true × (K_pred + 1)], one slot for invalid labels, then (bad logit rows, rows checked)
+        self._buf = torch.zeros(self.num_classes * (kp + 1) + 3, dtype=torch.int64, device=self.device)
 
     def update(self, preds: torch.Tensor, targets) -> None:
         """Add one batch of cluster ids ``preds`` [B] and true labels ``targets`` [B] (no host sync)."""
@@ -423,6 +425,11 @@ class ClusteringEngine:
                 preds = logits[:, off:].argmax(1) + off
             else:
                 preds = logits.argmax(1)
+            # rows with a valid label whose logits are unusable (NaN, +inf, all -inf): counted, no sync
+            y = torch.as_tensor(targets, device=self.device).reshape(-1).long()
+            valid = (y >= 0) & (y < self.num_classes)
+            bad = _nonfinite_rows_t(logits[:, off:].to(self.device)) & valid
+            self._buf[-2:] += torch.stack([bad.sum(), valid.sum()])
         if self._buf is None:
             raise RuntimeError("ClusteringEngine: num_clusters unknown for integer predictions; pass num_clusters")
         self.update(preds, targets)
@@ -451,8 +458,18 @@ class ClusteringEngine:
         return self._buf[: self.num_classes * (kp + 1)].view(self.num_classes, kp + 1).cpu()
 
     def square_counts(self) -> np.ndarray:
-        """``w[cluster, class]`` cut/zero-padded to D×D, D = 1 + the largest id that has a sample."""
-        cmc = self.counts().numpy()  # the one host transfer
+        """``w[cluster, class]`` cut/zero-padded to D×D, D = 1 + the largest id that has a sample.
+
+        Raises :class:`NonFiniteError` when logits given to :meth:`observe` had unusable rows."""
+        if self._buf is None:
+            cmc = self.counts().numpy()
+        else:
+            host = self._buf.cpu()  # the one host transfer: counts and the non-finite tally
+            bad, checked = int(host[-2]), int(host[-1])
+            if bad:
+                raise NonFiniteError("logits", bad, checked, LOGITS_DETAIL)
+            kp = self.num_clusters
+            cmc = host[: self.num_classes * (kp + 1)].view(self.num_classes, kp + 1).numpy()
         if cmc.shape[1] > 1 and cmc[:, -1].any():
             raise ValueError(
                 f"clustering metrics: {int(cmc[:, -1].sum())} predictions are cluster ids outside "
