@@ -97,3 +97,14 @@ def test_duplicate_ids_and_unknown_only_are_errors(tmp_path):
     res = subprocess.run([sys.executable, "-m", "openworld", "report", str(tmp_path / "nope.md")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no such document" in res.stderr
+
+
+@pytest.mark.slow
+def test_committed_evidence_block_regenerates_exactly(tmp_path):
+    """``--check`` on the committed docs: the TEEN claim's runs (10 × ~10 s) rebuilt from scratch give the
+    published text bit for bit (same CPU kind and thread count as the committed runs)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "openworld", "report", "docs/evidence.md", "--run", "--check",
+         "--only", "evidence_teen_novel,evidence_teen_hm", "--runs", str(tmp_path / "runs")],
+        capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
