@@ -16,6 +16,7 @@ The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which run
   overrides), ``data`` (the data root, passed as ``OPENWORLD_DATA``), ``threads`` (CPU threads per run,
   default 1: results on CPU depend on it);
 * ``metrics`` (default: the scenario's headline metrics), ``std`` (``sample`` | ``population``);
+  ``sessions=acc,acc_novel,…`` adds a per-session table (mean ± std of ``test/<metric>`` per session);
 * ``claim`` (optional) makes the block an evidence claim: ``method``, ``baseline``, ``metric`` and
   ``direction`` (``higher`` | ``lower``) are then required; the claim's per-seed values, means, paired
   t-test p-value and ``holds`` go into ``docs/evidence.json`` (:func:`evidence_entry`).
@@ -45,6 +46,7 @@ from openworld.compare import (
     mean_std,
     metric_values,
     paired_p_value,
+    session_values,
 )
 
 BEGIN = "<!-- report:begin "
@@ -54,7 +56,7 @@ DEFAULT_DOCS = ("BENCHMARKS.md", "docs/results", "docs/evidence.md")
 DEFAULT_RUNS = Path("runs") / "report"
 EVIDENCE_JSON = Path("docs") / "evidence.json"
 _KEYS = {"id", "recipe", "strategies", "seeds", "set", "data", "threads", "metrics", "std", "claim", "method",
-         "baseline", "metric", "direction", "note", "runs"}
+         "baseline", "metric", "direction", "note", "runs", "sessions"}
 _CLAIM_KEYS = ("method", "baseline", "metric", "direction")
 
 
@@ -279,6 +281,23 @@ def evidence_entry(block: Block, runs_root: Path) -> dict[str, Any]:
     }
 
 
+def session_table(result, metrics: list[str], std: str) -> str:
+    """Per strategy and metric, mean ± std over seeds of ``test/<metric>`` at every session."""
+    n = max((len(r.sessions) for g in result.groups for r in g.finished), default=0)
+    lines = [f"Per session (test set, %, mean ± {STD_LABELS[std]}; — = undefined):", "",
+             "| strategy | metric | " + " | ".join(f"s{i}" for i in range(n)) + " |",
+             "|---|---|" + "---|" * n]
+    for g in result.groups:
+        for m in metrics:
+            cells = []
+            for values in session_values(g, m):
+                mean, sd = mean_std(list(values.values()), std)
+                cells.append("—" if mean is None else f"{mean:.1f}" + ("" if sd is None else f" ± {sd:.1f}"))
+            cells += ["—"] * (n - len(cells))
+            lines.append(f"| {g.label} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
@@ -298,6 +317,8 @@ def render(block: Block, runs_root: Path) -> str:
     # failed runs are listed with their directory: print it relative to the runs root (machine-independent)
     table = table.replace(str(runs_root.resolve()) + os.sep, "").replace(str(runs_root) + os.sep, "")
     lines.append(table)
+    if block.get("sessions"):
+        lines += ["", session_table(result, block.get("sessions").split(","), block.std)]
     if block.is_claim:
         e = evidence_entry(block, runs_root)
         per_seed = ", ".join(f"{s}: {_fmt(x)} vs {_fmt(y)}" for s, x, y in
