@@ -56,7 +56,7 @@ def test_missing_runs_are_named_with_the_command_that_makes_them(tmp_path):
 
 
 def test_run_writes_the_block_check_passes_then_detects_an_edit_and_evidence_is_recorded(tmp_path):
-    attrs = (f"id=q recipe={QUICKSTART} strategies=teen,ncm seeds=0,1 {SETS} metrics=last,acc_novel "
+    attrs = (f"id=q recipe={QUICKSTART} strategies=teen,ncm seeds=0,1 {SETS} metrics=last,acc_novel sessions=acc "
              "claim=teen_vs_ncm method=teen baseline=ncm metric=last direction=higher")
     doc = doc_with(tmp_path, attrs)
     runs, evidence = tmp_path / "runs", tmp_path / "evidence.json"
@@ -66,6 +66,7 @@ def test_run_writes_the_block_check_passes_then_detects_an_edit_and_evidence_is_
     assert text.startswith("# Results\n\nbefore\n") and text.endswith("<!-- report:end -->\n\nafter\n")
     assert "--out runs/report/q --resume" in text and "| teen | 2/2 |" in text and "| ncm | 2/2 |" in text
     assert "**Claim `teen_vs_ncm`**" in text and "stale" not in text
+    assert "| teen | acc | " in text and "| s5 |" in text  # the per-session table
     data = json.loads(evidence.read_text())
     (claim,) = data["claims"]
     assert claim["seeds"] == [0, 1] and len(claim["method_values"]) == 2 and claim["metric"] == "last"
