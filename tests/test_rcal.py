@@ -110,3 +110,26 @@ def test_bad_switches_are_named():
     with pytest.raises(ValueError, match="val, last, test"):
         RCAL(checkpoint="best")
     assert RCAL(checkpoint="test").selects_on_test() and not RCAL().selects_on_test()
+
+
+def test_dense_moco_queue_loss_equals_pml_cross_batch_memory_over_steps():
+    """MoCoQueueLoss = CrossBatchMemory(NTXentLoss) with fresh labels per image, while the queue fills,
+    when it is full and when it wraps around (queue 10, batches of 4)."""
+    from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
+
+    from openworld.strategies.rcal import MoCoQueueLoss
+
+    g = torch.Generator().manual_seed(1)
+    d, b, size, tau = 6, 4, 10, 0.2
+    pml = CrossBatchMemory(NTXentLoss(temperature=tau), embedding_size=d, memory_size=size)
+    ours = MoCoQueueLoss(d, size, tau)
+    for step in range(5):
+        q = F.normalize(torch.randn(b, d, generator=g), dim=1).requires_grad_()
+        k = F.normalize(torch.randn(b, d, generator=g), dim=1)
+        lab = torch.arange(step * b, (step + 1) * b)
+        ref = pml(torch.cat([q, k]), torch.cat([lab, lab]), enqueue_mask=torch.tensor([False] * b + [True] * b))
+        got = ours(q, k)
+        assert float(got) == pytest.approx(float(ref), abs=1e-6), step
+        assert torch.autograd.grad(got, q)[0].abs().sum() > 0  # the queries get the gradient
+    with pytest.raises(ValueError, match="smaller than the batch"):
+        MoCoQueueLoss(d, 2, tau)(q, k)

@@ -6,9 +6,10 @@ card's default (table "RCAL unspecified hyperparameters").
 **Stage 1 — contrastive representation.** MoCo: a query encoder (the recipe's backbone as a single
 branch, e.g. ResNet-32 → 64-d) with a 2-layer projector ``d→d→128``, a momentum key encoder
 (``moco_momentum``), a queue of ``moco_queue`` keys and InfoNCE at temperature ``moco_temperature``.
-The queue + InfoNCE is pytorch-metric-learning's ``CrossBatchMemory(NTXentLoss)`` with one fresh
-label per image (query and key share it; the keys are enqueued, the queries are scored against the
-memory) — unit-tested equal to MoCo's InfoNCE. SGD lr ``moco_lr`` with cosine decay, weight decay 5e-4,
+The queue + InfoNCE is :class:`MoCoQueueLoss`, a dense equal of pytorch-metric-learning's
+``CrossBatchMemory(NTXentLoss)`` with one fresh label per image (query and key share it; the keys are
+enqueued, the queries are scored against the memory) — unit-tested equal to that library and to MoCo's
+InfoNCE, and thousands of times cheaper per step on a CPU. SGD lr ``moco_lr`` with cosine decay, weight decay 5e-4,
 batch ``moco_batch_size``, two strong views per image (the SADE view of
 :func:`openworld.strategies.sade.strong_view`: padded random crop instead of RandomResizedCrop).
 ``z0(x)`` is the frozen query encoder (eval mode, pre-projector).
@@ -164,6 +165,36 @@ class _Projector(nn.Sequential):
         super().__init__(nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
 
 
+class MoCoQueueLoss:
+    """MoCo's InfoNCE with a FIFO queue of ``size`` keys, computed densely.
+
+    Each call enqueues the batch's keys ``k`` (overwriting the oldest), then scores every query ``q_i``
+    against all keys held (the queue, the batch's own keys included): ``CE(q_i·K / τ, index of k_i)``.
+    This is exactly pytorch-metric-learning's ``CrossBatchMemory(NTXentLoss(τ))`` with one fresh label
+    per image and the keys enqueued (tested equal, wrap-around included); that implementation enumerates
+    every (anchor, negative) pair and costs seconds per step on a CPU at a 4,096-key queue, this one a
+    single matrix product. ``q``/``k`` must be L2-normalised (NTXent's cosine similarity).
+    """
+
+    def __init__(self, dim: int, size: int, temperature: float, device=None):
+        self.memory = torch.zeros(int(size), int(dim), device=device)
+        self.size = int(size)
+        self.temperature = float(temperature)
+        self.ptr = 0
+        self.filled = 0
+
+    def __call__(self, q: Tensor, k: Tensor) -> Tensor:
+        n = len(k)
+        if n > self.size:
+            raise ValueError(f"MoCo queue of {self.size} keys is smaller than the batch ({n})")
+        slots = (self.ptr + torch.arange(n, device=self.memory.device)) % self.size
+        self.memory[slots] = k.detach().to(self.memory.dtype)
+        self.ptr = (self.ptr + n) % self.size
+        self.filled = min(self.filled + n, self.size)
+        logits = q @ self.memory[: self.filled].T / self.temperature
+        return F.cross_entropy(logits, slots)
+
+
 @register_strategy("rcal")
 class RCAL(Strategy):
     """RCAL (Zhang et al., ICCV 2023) on the recipe's backbone (single branch)."""
@@ -244,8 +275,6 @@ class RCAL(Strategy):
     # -- stage 1 -------------------------------------------------------------------------------------
     def pretrain(self, data) -> nn.Module:
         """MoCo on the training images (labels unused); returns the query encoder."""
-        from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
-
         if not isinstance(data, TensorData):
             raise ValueError("rcal: MoCo pre-training supports in-memory (TensorData) training sets only")
         dev = self.ctx.device
@@ -255,15 +284,11 @@ class RCAL(Strategy):
         enc_k, proj_k = copy.deepcopy(enc_q), copy.deepcopy(proj_q)
         for p in list(enc_k.parameters()) + list(proj_k.parameters()):
             p.requires_grad_(False)
-        loss_fn = CrossBatchMemory(NTXentLoss(temperature=self.moco_temperature), embedding_size=self.moco_dim,
-                                   memory_size=self.moco_queue)
-        for attr in ("embedding_memory", "label_memory"):
-            setattr(loss_fn, attr, getattr(loss_fn, attr).to(dev))
+        loss_fn = MoCoQueueLoss(self.moco_dim, self.moco_queue, self.moco_temperature, device=dev)
         params = list(enc_q.parameters()) + list(proj_q.parameters())
         opt = torch.optim.SGD(params, lr=self.moco_lr, momentum=0.9, weight_decay=self.moco_weight_decay)
         raw = TensorData(data.x, torch.arange(len(data)), None, data.name)  # labels replaced by row ids
         gen = torch.Generator().manual_seed(self.ctx.derive_seed("rcal", "moco"))
-        step_label = 0
         bs = min(self.moco_batch_size, len(data))
         for epoch in self.ctx.progress_bar(range(self.moco_epochs), desc="rcal moco", unit="ep"):
             lr = 0.5 * self.moco_lr * (1 + math.cos(math.pi * epoch / self.moco_epochs))
@@ -278,11 +303,7 @@ class RCAL(Strategy):
                     for pq, pk in zip(params, list(enc_k.parameters()) + list(proj_k.parameters())):
                         pk.mul_(self.moco_momentum).add_(pq.detach(), alpha=1 - self.moco_momentum)
                     k = F.normalize(proj_k(enc_k(x2)), dim=1)
-                n = len(q)
-                labels = torch.arange(step_label, step_label + n, device=dev)
-                step_label += n
-                mask = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]).to(dev)
-                loss = loss_fn(torch.cat([q, k]), torch.cat([labels, labels]), enqueue_mask=mask)
+                loss = loss_fn(q, k)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
