@@ -42,7 +42,7 @@ from openworld.strategies.kmeans import _FeatureClustering, l2_features, ss_kmea
 from openworld.strategies.simgcd import (
     CosinePrototypes,
     Projector,
-    _concat_train,
+    balanced_train_draw,
     info_nce_loss,
     set_trainable,
     supcon_loss,
@@ -205,18 +205,7 @@ class GCD(_FeatureClustering):
         if self.epochs == 0 or not params:
             return backbone.eval()
         opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        data = _concat_train(labeled, unlabeled)
-        n_l = len(labeled) if labeled is not None else 0
-        n_u = len(unlabeled) if unlabeled is not None else 0
-        weights = torch.cat(
-            [
-                torch.ones(n_l, dtype=torch.float64),
-                torch.full((n_u,), n_l / n_u if n_u and n_l else 1.0, dtype=torch.float64),
-            ]
-        )
-        n_draw = n_l + n_u
-        if n_draw < self.batch_size:
-            raise ValueError(f"gcd: {n_draw} training samples < batch_size {self.batch_size} (drop_last)")
+        data, weights, n_draw = balanced_train_draw(labeled, unlabeled, self.batch_size, "gcd")
         selector = _TestOldSelector(self, session) if self.selection == "test_old" else None
         gen = torch.Generator().manual_seed(ctx.derive_seed("gcd-train"))
         lr_min = self.lr * self.lr_min_factor

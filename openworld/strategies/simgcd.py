@@ -270,6 +270,24 @@ def _concat_train(labeled, unlabeled):
     return parts[0] if len(parts) == 1 else concat(parts)
 
 
+def balanced_train_draw(labeled, unlabeled, batch_size: int, name: str):
+    """The training pool D_L ∪ D_U and its per-sample draw weights (labelled 1, unlabelled |D_L|/|D_U|: the
+    released samplers' balance of labelled and unlabelled rows); returns (data, weights, n_draw)."""
+    data = _concat_train(labeled, unlabeled)
+    n_l = len(labeled) if labeled is not None else 0
+    n_u = len(unlabeled) if unlabeled is not None else 0
+    weights = torch.cat(
+        [
+            torch.ones(n_l, dtype=torch.float64),
+            torch.full((n_u,), n_l / n_u if n_u and n_l else 1.0, dtype=torch.float64),
+        ]
+    )
+    n_draw = n_l + n_u
+    if n_draw < batch_size:
+        raise ValueError(f"{name}: {n_draw} training samples < batch_size {batch_size} (drop_last)")
+    return data, weights, n_draw
+
+
 # ------------------------------------------------------------------------------------------------
 # Strategy
 # ------------------------------------------------------------------------------------------------
@@ -416,18 +434,7 @@ class SimGCD(Strategy):
             momentum=self.momentum,
             weight_decay=self.weight_decay,
         )
-        data = _concat_train(labeled, unlabeled)
-        n_l = len(labeled) if labeled is not None else 0
-        n_u = len(unlabeled) if unlabeled is not None else 0
-        weights = torch.cat(
-            [
-                torch.ones(n_l, dtype=torch.float64),
-                torch.full((n_u,), n_l / n_u if n_u and n_l else 1.0, dtype=torch.float64),
-            ]
-        )
-        n_draw = n_l + n_u
-        if n_draw < self.batch_size:
-            raise ValueError(f"{self.name}: {n_draw} training samples < batch_size {self.batch_size} (drop_last)")
+        data, weights, n_draw = balanced_train_draw(labeled, unlabeled, self.batch_size, self.name)
         steps_per_epoch = n_draw // self.batch_size
         warmup = self.teacher_warmup or max(1, math.ceil(0.15 * self.epochs))
         taus = teacher_temperatures(
