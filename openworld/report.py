@@ -17,6 +17,12 @@ The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which run
   default 1: results on CPU depend on it);
 * ``metrics`` (default: the scenario's headline metrics), ``std`` (``sample`` | ``population``);
   ``sessions=acc,acc_novel,…`` adds a per-session table (mean ± std of ``test/<metric>`` per session);
+* ``per_seed=<metric>`` adds a table of that metric per seed (rows) and strategy (columns);
+* ``bench=bench/<script>.py`` (instead of ``recipe``) makes a *measurement* block: ``--run`` executes
+  ``python <script> <args> --json <runs root>/<id>/bench.json`` (``args=`` the script's options) and the
+  block renders the tables that the script stored with :func:`write_bench_result`, with the machine it ran
+  on. Timings are one measurement: ``--check`` compares the text rendered from the stored result; delete
+  ``<runs root>/<id>/`` and ``--run`` again for a new measurement;
 * ``claim`` (optional) makes the block an evidence claim: ``method``, ``baseline``, ``metric`` and
   ``direction`` (``higher`` | ``lower``) are then required; the claim's per-seed values, means, paired
   t-test p-value and ``holds`` go into ``docs/evidence.json`` (:func:`evidence_entry`).
@@ -24,16 +30,21 @@ The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which run
 ``report`` regenerates every block from the finished runs; ``--run`` first runs what is missing (the same
 command the block shows, resumable: finished runs are kept, a changed recipe is refused); ``--check``
 regenerates and fails when the text of a block differs from the committed one. Timings are never part of a
-block, so a rerun on the same CPU with the same threads reproduces it exactly.
+run block, so a rerun on the same CPU with the same threads reproduces it exactly; measurement (``bench=``)
+blocks show the stored timings of one bench run.
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import os
+import platform
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +67,8 @@ DEFAULT_DOCS = ("BENCHMARKS.md", "docs/results", "docs/evidence.md")
 DEFAULT_RUNS = Path("runs") / "report"
 EVIDENCE_JSON = Path("docs") / "evidence.json"
 _KEYS = {"id", "recipe", "strategies", "seeds", "set", "data", "threads", "metrics", "std", "claim", "method",
-         "baseline", "metric", "direction", "note", "runs", "sessions"}
+         "baseline", "metric", "direction", "note", "runs", "sessions", "per_seed", "bench", "args"}
+BENCH_RESULT = "bench.json"
 _CLAIM_KEYS = ("method", "baseline", "metric", "direction")
 
 
@@ -115,12 +127,23 @@ class Block:
     def is_claim(self) -> bool:
         return "claim" in self.attrs
 
+    @property
+    def is_bench(self) -> bool:
+        return "bench" in self.attrs
+
+    def bench_result(self, runs_root: Path) -> Path:
+        return self.run_dir(runs_root) / BENCH_RESULT
+
     def run_dir(self, runs_root: Path) -> Path:
         # runs=<other id>: share another block's runs (e.g. two claims on one set of runs)
         return runs_root / self.attrs.get("runs", self.id)
 
     def command(self, runs_root: Path) -> str:
         """The exact command that makes this block's runs (what ``--run`` executes)."""
+        if self.is_bench:
+            args = shlex.split(self.get("args", ""))
+            return " ".join(["python", self.get("bench"), *map(shlex.quote, args), "--json",
+                             str(self.bench_result(runs_root))])
         parts = []
         if self.get("data"):
             parts.append(f"OPENWORLD_DATA={shlex.quote(self.get('data'))}")
@@ -156,10 +179,15 @@ def parse_blocks(doc: Path, text: str | None = None) -> list[Block]:
                 sets.append(value)
             else:
                 attrs[key] = value
-        for key in ("id", "recipe"):
+        for key in ("id",) if attrs.get("bench") else ("id", "recipe"):
             if not attrs.get(key):
                 raise ReportError(f"{doc}: a report block has no {key}= (attributes: {m.group('attrs').strip()!r})")
-        block = Block(doc, attrs["id"], attrs["recipe"], attrs, m.group("body"), sets)
+        block = Block(doc, attrs["id"], attrs.get("recipe", ""), attrs, m.group("body"), sets)
+        if block.is_bench:
+            extra = sorted(set(attrs) - {"id", "bench", "args"})
+            if extra or sets:
+                raise ReportError(f"{block.where()}: a bench= block takes only id, bench and args "
+                                  f"(also given: {', '.join(extra + ['set'] * bool(sets))})")
         if block.is_claim:
             missing = [k for k in _CLAIM_KEYS if not attrs.get(k)]
             if missing:
@@ -207,6 +235,8 @@ def expected_runs(block: Block) -> tuple[list[tuple[str, int]], str]:
 
 
 def missing_runs(block: Block, runs_root: Path) -> list[str]:
+    if block.is_bench:
+        return [] if block.bench_result(runs_root).is_file() else [BENCH_RESULT]
     pairs, name = expected_runs(block)
     missing = []
     for strategy, seed in pairs:
@@ -219,6 +249,20 @@ def missing_runs(block: Block, runs_root: Path) -> list[str]:
 
 def run_block(block: Block, runs_root: Path, stream=None) -> None:
     """Run (or resume) the block's missing runs with exactly the command it shows."""
+    if block.is_bench:
+        script = Path(block.get("bench"))
+        if not script.is_file():
+            raise ReportError(f"{block.where()}: bench script {script} not found (run from the repository root)")
+        out = block.bench_result(runs_root)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(script), *shlex.split(block.get("args", "")), "--json", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if stream is not None and proc.stdout:
+            print(proc.stdout, end="", file=stream)
+        if proc.returncode != 0 or not out.is_file():
+            raise ReportError(f"{block.where()}: `{' '.join(cmd)}` failed (exit {proc.returncode}): "
+                              f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:] or 'no output'}")
+        return
     from openworld.config import load_recipe
     from openworld.runner import Runner
 
@@ -298,6 +342,95 @@ def session_table(result, metrics: list[str], std: str) -> str:
     return "\n".join(lines)
 
 
+def per_seed_table(result, metric: str) -> str:
+    """``metric`` per seed (rows) and strategy (columns)."""
+    values = {g.label: metric_values(g, metric) for g in result.groups}
+    seeds = sorted({s for v in values.values() for s in v})
+    labels = list(values)
+    lines = [f"{metric} per seed (%; — = no finished run):", "",
+             "| seed | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for k in seeds:
+        lines.append(f"| {k} | " + " | ".join(_fmt(values[g].get(k)) for g in labels) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurement (bench=) blocks
+# ------------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """Where a measurement ran: CPU, cores, torch and its threads, GPU if any, load average, date."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "platform": platform.platform(terse=True),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_bench_result(path: str | Path, tables: list[dict], notes: list[str] = (),
+                       params: dict[str, Any] | None = None) -> Path:
+    """Store one bench run for a ``bench=`` block (called by the ``bench/`` scripts' ``--json``).
+
+    ``tables``: ``[{"title": str (optional), "columns": [str], "rows": [[cell]]}]``, every cell already
+    formatted as the table should show it (a string), so the rendered block is exactly what the script
+    measured. ``notes``: lines shown under the tables. ``params``: the script's options.
+    """
+    for t in tables:
+        width = len(t["columns"])
+        bad = [r for r in t["rows"] if len(r) != width]
+        if bad:
+            raise ValueError(f"bench table {t.get('title', '')!r}: row {bad[0]!r} has {len(bad[0])} cells, "
+                             f"the header {width}")
+    payload = {"tables": [{"title": t.get("title", ""), "columns": list(map(str, t["columns"])),
+                           "rows": [[str(c) for c in r] for r in t["rows"]]} for t in tables],
+               "notes": [str(n) for n in notes], "params": params or {}, "machine": machine_info()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def render_bench(result: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for t in result["tables"]:
+        if t.get("title"):
+            lines += [f"**{t['title']}**", ""]
+        lines += ["| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
+        lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
+        lines.append("")
+    lines += [n for n in result.get("notes", [])]
+    m = result.get("machine", {})
+    where = ", ".join(x for x in (
+        m.get("cpu"), f"{m['cpu_count']} CPUs" if m.get("cpu_count") else None, m.get("gpu"),
+        f"torch {m['torch']} ({m.get('torch_threads')} threads)" if m.get("torch") else None,
+        f"load average {m['load_average'][0]:.2f}" if m.get("load_average") else None) if x)
+    if result.get("notes"):
+        lines.append("")
+    lines.append(f"Measured {m.get('date', '?')} on {where or 'an unrecorded machine'}; one measurement "
+                 "(`--check` compares the text rendered from it, a new measurement needs a rerun).")
+    return "\n".join(lines)
+
+
 def _fmt(v: float | None, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
@@ -311,6 +444,8 @@ def render(block: Block, runs_root: Path) -> str:
             f"(make them with `openworld report --run --only {block.id}`)"
         )
     lines = ["```bash", block.command(DEFAULT_RUNS), "```", ""]
+    if block.is_bench:
+        return "\n".join(lines + [render_bench(json.loads(block.bench_result(runs_root).read_text()))]) + "\n"
     metrics = block.get("metrics")
     result = compare(_runs_of(block, runs_root), metrics.split(",") if metrics else None, std=block.std)
     table = result.to_markdown()
@@ -319,6 +454,8 @@ def render(block: Block, runs_root: Path) -> str:
     lines.append(table)
     if block.get("sessions"):
         lines += ["", session_table(result, block.get("sessions").split(","), block.std)]
+    if block.get("per_seed"):
+        lines += ["", per_seed_table(result, block.get("per_seed"))]
     if block.is_claim:
         e = evidence_entry(block, runs_root)
         per_seed = ", ".join(f"{s}: {_fmt(x)} vs {_fmt(y)}" for s, x, y in

@@ -111,6 +111,45 @@ def test_subsampling_and_first_task():
         ClassIncrementalScenario(data={"source": "digits"}, num_tasks=0).session(0)
 
 
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_validation_split_is_held_out_training_data(seed):
+    """eval_split=validation: per class test_per_class training images that no task trains on."""
+    kw = dict(data={"source": "digits"}, num_tasks=5, train_per_class=30, test_per_class=12, seed=seed)
+    val = ClassIncrementalScenario(eval_split="validation", **kw)
+    test = ClassIncrementalScenario(**kw)
+    src = val.source
+    train_x = torch.cat([val.session(t).labeled.x for t in range(5)]).flatten(1)
+    last_val = val.session(4).eval_sets["test"].data
+    assert len(last_val) == 10 * 12
+    assert torch.bincount(last_val.targets, minlength=10).tolist() == [12] * 10
+    # every validation image is a training-split image, none of them trained on, none a test image
+    train_pool = {tuple(r) for r in src.train.x.flatten(1).tolist()}
+    trained = {tuple(r) for r in train_x.tolist()}
+    val_rows = [tuple(r) for r in last_val.x.flatten(1).tolist()]
+    assert all(r in train_pool for r in val_rows)
+    assert not trained & set(val_rows)
+    # the labels follow the class order like the test split's, and training data is unchanged
+    assert sorted(torch.unique(val.session(1).eval_sets["test"].data.targets).tolist()) == [0, 1, 2, 3]
+    assert torch.equal(val.session(3).labeled.x, test.session(3).labeled.x)
+    assert val.describe()["eval_split"] == "validation" and test.describe()["eval_split"] == "test"
+    # deterministic
+    again = ClassIncrementalScenario(eval_split="validation", **kw)
+    assert torch.equal(again.session(4).eval_sets["test"].data.x, last_val.x)
+
+
+def test_validation_split_needs_training_subsample_and_room():
+    from openworld.params import ConfigError
+
+    with pytest.raises(ConfigError, match="eval_split.*train_per_class"):
+        ClassIncrementalScenario.check_config({"num_tasks": 5, "eval_split": "validation"})
+    too_many = ClassIncrementalScenario(data={"source": "digits"}, num_tasks=5, train_per_class=100,
+                                        test_per_class=40, eval_split="validation")
+    with pytest.raises(ConfigError, match="test_per_class.*left for validation"):
+        too_many.session(0)
+    with pytest.raises(ValueError, match="scenario.eval_split: allowed values are test, validation"):
+        ClassIncrementalScenario(data={"source": "digits"}, num_tasks=5, eval_split="val").session(0)
+
 # --------------------------------------------------------------------------------------------------
 # V3 — A/F from the matrix; heat map
 # --------------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_missing_runs_are_named_with_the_command_that_makes_them(tmp_path):
 
 def test_run_writes_the_block_check_passes_then_detects_an_edit_and_evidence_is_recorded(tmp_path):
     attrs = (f"id=q recipe={QUICKSTART} strategies=teen,ncm seeds=0,1 {SETS} metrics=last,acc_novel sessions=acc "
-             "claim=teen_vs_ncm method=teen baseline=ncm metric=last direction=higher")
+             "per_seed=last claim=teen_vs_ncm method=teen baseline=ncm metric=last direction=higher")
     doc = doc_with(tmp_path, attrs)
     runs, evidence = tmp_path / "runs", tmp_path / "evidence.json"
     out = report([doc], runs, run=True, evidence_path=evidence)
@@ -67,6 +67,7 @@ def test_run_writes_the_block_check_passes_then_detects_an_edit_and_evidence_is_
     assert "--out runs/report/q --resume" in text and "| teen | 2/2 |" in text and "| ncm | 2/2 |" in text
     assert "**Claim `teen_vs_ncm`**" in text and "stale" not in text
     assert "| teen | acc | " in text and "| s5 |" in text  # the per-session table
+    assert "| seed | ncm | teen |" in text and "\n| 1 | " in text  # the per-seed table
     data = json.loads(evidence.read_text())
     (claim,) = data["claims"]
     assert claim["seeds"] == [0, 1] and len(claim["method_values"]) == 2 and claim["metric"] == "last"
@@ -109,3 +110,49 @@ def test_committed_evidence_block_regenerates_exactly(tmp_path):
          "--only", "evidence_teen_novel,evidence_teen_hm", "--runs", str(tmp_path / "runs")],
         capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+FAKE_BENCH = """
+import argparse, sys
+sys.path.insert(0, {root!r})
+from openworld.report import write_bench_result
+ap = argparse.ArgumentParser()
+ap.add_argument("--n", type=int, default=10)
+ap.add_argument("--json")
+a = ap.parse_args()
+print("measuring", a.n)
+if a.n < 0:
+    sys.exit("negative n")
+write_bench_result(a.json, [{{"title": "speed", "columns": ["n", "ours", "ratio"],
+                             "rows": [[str(a.n), "1.00 ms", "3.0×"]]}}], notes=["max |diff| = 0"],
+                   params=vars(a))
+"""
+
+
+def test_bench_block_runs_the_script_once_renders_its_tables_and_checks_the_text(tmp_path):
+    script = tmp_path / "bench_fake.py"
+    script.write_text(FAKE_BENCH.format(root=str(ROOT)))
+    doc = doc_with(tmp_path, f'id=speed bench={script} args="--n 7"')
+    (b,) = parse_blocks(doc)
+    runs = tmp_path / "runs"
+    assert b.command(Path("runs/report")) == f"python {script} --n 7 --json runs/report/speed/bench.json"
+    with pytest.raises(ReportError, match=r"runs missing under .*: bench.json"):
+        report([doc], runs)
+    report([doc], runs, run=True)
+    text = doc.read_text()
+    assert "**speed**\n\n| n | ours | ratio |\n|---|---|---|\n| 7 | 1.00 ms | 3.0× |" in text
+    assert "max |diff| = 0" in text and "Measured " in text and "CPUs" in text
+    stored = json.loads((runs / "speed" / "bench.json").read_text())
+    assert stored["params"]["n"] == 7 and stored["machine"]["cpu_count"] >= 1
+    mtime = (runs / "speed" / "bench.json").stat().st_mtime_ns
+    assert report([doc], runs, run=True, check=True).changed == []  # not measured again
+    assert (runs / "speed" / "bench.json").stat().st_mtime_ns == mtime
+    doc.write_text(text.replace("3.0×", "30×"))
+    assert report([doc], runs, check=True).changed == [f"{doc}: block 'speed'"]
+    failing = doc_with(tmp_path, f'id=neg bench={script} args="--n -1"')
+    with pytest.raises(ReportError, match="failed \\(exit 1\\).*negative n"):
+        report([failing], runs, run=True)
+    for attrs, msg in [(f"id=s bench={script} metrics=acc", "a bench= block takes only id, bench and args"),
+                       ("id=s bench=bench/nope.py", "bench script bench/nope.py not found")]:
+        with pytest.raises(ReportError, match=msg):
+            report([doc_with(tmp_path, attrs)], runs, run=True)

@@ -14,6 +14,10 @@ The protocol is the one of the CIL/OVOR card (``specs/cil-ovor.md`` §1):
   restricted to that task's classes (TIL accuracy a_{t,j}^{TIL} = ``eval/til_<jj>/acc``).
 * Reduced-scale subsampling (card §9): ``train_per_class`` / ``test_per_class`` keep per class the
   rows ``pick(rows, n, "cil", split_seed, c)`` (FSCIL card hash, x = row index within its split).
+* ``eval_split: validation`` evaluates on held-out *training* images instead of the test split: per
+  class, ``test_per_class`` rows drawn (tag ``"cil-val"``) from the training rows that no task trains on.
+  This is the split to choose hyper-parameters on; the evaluation set keeps its name ``test`` so every
+  metric, table and plot works unchanged, and ``describe()`` records ``eval_split``.
 
 Everything is computed lazily on first use and cached; the constructor only stores parameters.
 """
@@ -33,6 +37,7 @@ from openworld.scenarios.base import ClassInfo, EvalSet, Scenario, Session, hash
 from openworld.scenarios.fscil import _jsonable, _labels, _rows_by_class, class_order, pick
 
 CIL_CLASS_ORDERS = ("shuffled", "natural")
+CIL_EVAL_SPLITS = ("test", "validation")
 
 
 def task_layout(num_classes: int, num_tasks: int, first_task_classes: int | None = None) -> list[list[int]]:
@@ -105,6 +110,9 @@ class ClassIncrementalScenario(Scenario):
         train_per_class, test_per_class: keep this many samples per class (hashed ``pick``); null keeps all.
         split_seed: the seed of those picks (the card fixes 0 for every repeat).
         task_aware: also evaluate task-aware (TIL) accuracy, one eval set ``til_<jj>`` per seen task.
+        eval_split: ``test`` (the data set's test split) or ``validation`` (held-out training images,
+            ``test_per_class`` per class, disjoint from every task's training rows; requires
+            ``train_per_class`` so that rows are left over).
         seed: the run seed (set by the runner): selects the class order.
     """
 
@@ -121,6 +129,7 @@ class ClassIncrementalScenario(Scenario):
         test_per_class: PosInt | None = None,
         split_seed: NonNegInt = 0,
         task_aware: Bool = False,
+        eval_split: Literal["test", "validation"] = "test",
         seed: int = 0,
     ):
         self.data = dict(data)
@@ -131,6 +140,7 @@ class ClassIncrementalScenario(Scenario):
         self.test_per_class = test_per_class
         self.split_seed = split_seed
         self.task_aware = task_aware
+        self.eval_split = eval_split
         self.seed = seed
         self._source = None
         self._plan: _Plan | None = None
@@ -142,6 +152,9 @@ class ClassIncrementalScenario(Scenario):
         """Cross-field rules (``openworld validate``, and again when the data is read): the C classes
         must split into ``num_tasks`` equal tasks, or a first task of ``first_task_classes`` and
         ``num_tasks − 1`` equal ones. Raises :class:`ConfigError` naming the key."""
+        if params.get("eval_split", "test") == "validation" and params.get("train_per_class") is None:
+            raise param_error("eval_split", "validation",
+                              "needs train_per_class (validation images are the training images no task uses)")
         if num_classes is None:
             return
         C, T, f = int(num_classes), params["num_tasks"], params.get("first_task_classes")
@@ -180,6 +193,10 @@ class ClassIncrementalScenario(Scenario):
             raise ValueError(
                 f"scenario.class_order: allowed values are {', '.join(CIL_CLASS_ORDERS)}; got {self.class_order!r}"
             )
+        if self.eval_split not in CIL_EVAL_SPLITS:
+            raise ValueError(
+                f"scenario.eval_split: allowed values are {', '.join(CIL_EVAL_SPLITS)}; got {self.eval_split!r}"
+            )
 
     # -- lazy loading --------------------------------------------------------------------------------
     @property
@@ -203,6 +220,23 @@ class ClassIncrementalScenario(Scenario):
             kept.extend(pick(rows, n, "cil", self.split_seed, c))
         return np.asarray(sorted(kept), dtype=np.int64)
 
+    def _holdout(self, labels: np.ndarray, used: np.ndarray) -> np.ndarray:
+        """Validation rows: per class, ``test_per_class`` (null: all) training rows no task trains on."""
+        free = np.ones(len(labels), dtype=bool)
+        free[used] = False
+        kept: list[int] = []
+        for c, rows in _rows_by_class(labels).items():
+            rows = rows[free[rows]]
+            n = self.test_per_class
+            if n is None:
+                kept.extend(int(r) for r in rows)
+                continue
+            if len(rows) < n:
+                raise param_error("test_per_class", n, f"class {c} has only {len(rows)} training samples left "
+                                  "for validation after train_per_class")
+            kept.extend(pick(rows, n, "cil-val", self.split_seed, c))
+        return np.asarray(sorted(kept), dtype=np.int64)
+
     def _build(self) -> _Plan:
         if self._plan is not None:
             return self._plan
@@ -224,8 +258,12 @@ class ClassIncrementalScenario(Scenario):
         for t, rows in enumerate(train_rows):
             if len(rows) == 0:
                 raise ConfigError(f"scenario: task {t} has no training samples (its classes {tasks[t]} have none)")
-        test_keep = self._subsample(test_labels, self.test_per_class, "test")
-        new_test = mapping[test_labels[test_keep]]
+        if self.eval_split == "validation":
+            test_keep = self._holdout(train_labels, train_keep)
+            new_test = mapping[train_labels[test_keep]]
+        else:
+            test_keep = self._subsample(test_labels, self.test_per_class, "test")
+            new_test = mapping[test_labels[test_keep]]
         perm = np.lexsort((test_keep, new_test))
         names = tuple(str(classes[c]) if classes else str(c) for c in order)
         self._plan = _Plan(order, C, tasks, train_rows, test_keep[perm], new_test[perm], names, mapping)
@@ -235,11 +273,13 @@ class ClassIncrementalScenario(Scenario):
         if self._views_cache is None:
             plan = self._build()
             src = self.source
+            evaluated = src.train if self.eval_split == "validation" else src.test
             if plan.order == list(range(plan.num_classes)):
-                self._views_cache = (src.train, src.test)
+                self._views_cache = (src.train, evaluated)
             else:
                 m = torch.as_tensor(plan.mapping, dtype=torch.long)
-                self._views_cache = (src.train.relabel(m), src.test.relabel(m))
+                train = src.train.relabel(m)
+                self._views_cache = (train, train if self.eval_split == "validation" else evaluated.relabel(m))
         return self._views_cache
 
     # -- public properties ---------------------------------------------------------------------------
@@ -346,6 +386,7 @@ class ClassIncrementalScenario(Scenario):
                     "num_test": len(src.test),
                     "info": getattr(src, "info", None) or {},
                 },
+                "eval_split": self.eval_split,
                 "num_classes": plan.num_classes,
                 "num_sessions": len(plan.tasks),
                 "class_order": plan.order,
