@@ -38,6 +38,7 @@ on the same cores inflate the wall time of single repeats many-fold (the load av
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -243,14 +244,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-avalanche", action="store_true", help="skip the Avalanche Naive path")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: not called; torch's default is used)")
+    p.add_argument("--json", metavar="PATH", help="also store the table (openworld.report.write_bench_result)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.backbone = args.backbone or DEFAULT_BACKBONE[args.dataset]
 
     how = "--threads" if args.threads else "default, not set"
+    load_start = load_average()
     print(f"torch {torch.__version__} | threads {torch.get_num_threads()} ({how}) | CPU: {cpu_name()} "
-          f"| {os.cpu_count()} logical cores | python {platform.python_version()} | load average {load_average()}")
+          f"| {os.cpu_count()} logical cores | python {platform.python_version()} | load average {load_start}")
     x, y, x_te, y_te = load_data(args)
     input_shape = tuple(x.shape[1:])
     num_classes = int(max(y.max(), y_te.max())) + 1
@@ -267,6 +270,10 @@ def main(argv=None) -> int:
         "openworld train_classifier (TensorData)": lambda e: run_openworld(args, data, input_shape, num_classes, e),
         "plain PyTorch (TensorDataset+DataLoader)": lambda e: run_plain(args, x, y, input_shape, num_classes, e),
     }
+    published = {  # each path's name in the published table (--json)
+        "openworld train_classifier (TensorData)": "openworld `train_classifier` on `TensorData`",
+        "plain PyTorch (TensorDataset+DataLoader)": "plain PyTorch (`TensorDataset` + `DataLoader`)",
+    }
     ava, why = (None, "--no-avalanche") if args.no_avalanche else import_avalanche()
     if ava is None:
         print(f"note: Avalanche path skipped ({why})")
@@ -276,6 +283,7 @@ def main(argv=None) -> int:
         experience = make_avalanche_experience(ava, x, y, x_te, y_te)
         label = f"Avalanche {avalanche.__version__} Naive"
         paths[label] = lambda e: run_avalanche(args, ava, experience, input_shape, num_classes, e)[:3]
+        published[label] = f"Avalanche {avalanche.__version__} `Naive`"
         # warm-up with a sample counter: Avalanche must see each training sample once per epoch
         _, w_steps, _, seen = run_avalanche(args, ava, experience, input_shape, num_classes, 1, count_samples=True)
         if (w_steps, seen) != (steps_per_epoch, n):
@@ -302,20 +310,45 @@ def main(argv=None) -> int:
     samples = n * args.epochs
     header = (f"{'path':<42} {'median s':>9} {'min s':>8} {'steps/s':>8} {'samples/s':>10} "
               f"{'ratio':>6} {'ratio(min)':>10} {'cpu s':>7} {'train acc':>9} {'test acc':>8}")
+    digits = max(0, 2 - math.floor(math.log10(t_ref))) if t_ref > 0 else 3  # 3 significant digits of openworld's
+    rows, accs, min_ratios = [], [], []
     print()
     print(header)
     print("-" * len(header))
     for name in paths:
         t = statistics.median(times[name])
         t_min = min(times[name])
+        acc_tr, acc_te = accuracy(models[name], x, y), accuracy(models[name], x_te, y_te)
         print(f"{name:<42} {t:>9.3f} {t_min:>8.3f} {expected_steps / t:>8.1f} {samples / t:>10.0f} "
               f"{t / t_ref:>6.2f} {t_min / t_ref_min:>10.2f} {statistics.median(cpu[name]):>7.2f} "
-              f"{accuracy(models[name], x, y):>9.3f} {accuracy(models[name], x_te, y_te):>8.3f}")
+              f"{acc_tr:>9.3f} {acc_te:>8.3f}")
+        rows.append([args.backbone, published[name], f"{t:.{digits}f}", f"{samples / t:.0f}",
+                     "—" if name == ref else f"{t / t_ref:.2f}×"])
+        short = name.split(" ")[0]
+        accs.append(f"{short} {acc_tr:.3f} / {acc_te:.3f}")
+        if name != ref:
+            min_ratios.append(f"{short} {t_min / t_ref_min:.2f}×")
     print("\nratio = path median time / openworld median time, ratio(min) = the same with the fastest "
           "repeat of each (> 1: openworld faster); steps/s and samples/s from the median; cpu s = median "
           "CPU seconds of the process (all threads; idle-spinning threads count); all wall times: "
           + "; ".join(f"{k.split(' ')[0]} {[round(v, 3) for v in vs]}" for k, vs in times.items()))
-    print(f"load average at the end: {load_average()} (other processes on these cores make the times noisy)")
+    load_end = load_average()
+    print(f"load average at the end: {load_end} (other processes on these cores make the times noisy)")
+    if args.json:
+        from openworld.report import write_bench_result
+
+        table = {"columns": ["model", "path", "median s", "samples/s", "ratio"], "rows": rows}
+        notes = [f"{args.dataset}: {n:,} training images {list(input_shape)} as one float32 tensor, {num_classes} "
+                 f"classes; `{args.backbone}` + cosine head, batch {args.batch_size}, {args.epochs} epochs = "
+                 f"{expected_steps} SGD steps (lr {LR}, momentum {MOMENTUM}, constant LR); median wall time of the "
+                 f"training call over {args.repeats} interleaved repeats after a 1-epoch warm-up per path; "
+                 f"torch threads {torch.get_num_threads()} ({how}). `ratio` = path time / openworld time.",
+                 f"Accuracy after the last repeat, train / test ({len(y_te):,} test samples): " + ", ".join(accs) + ".",
+                 (f"Fastest repeat of each, ratio to openworld's: {', '.join(min_ratios)}. " if min_ratios else "")
+                 + f"Load average at the start {load_start}, at the end {load_end}."]
+        if ava is None:
+            notes.append(f"Avalanche path skipped ({why}).")
+        write_bench_result(args.json, [table], notes, params=vars(args))
     return 0
 
 

@@ -16,7 +16,8 @@ The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which run
   overrides), ``data`` (the data root, passed as ``OPENWORLD_DATA``), ``threads`` (CPU threads per run,
   default 1: results on CPU depend on it);
 * ``metrics`` (default: the scenario's headline metrics), ``std`` (``sample`` | ``population``);
-  ``sessions=acc,acc_novel,…`` adds a per-session table (mean ± std of ``test/<metric>`` per session);
+  ``sessions=acc,acc_novel,…`` adds a per-session table (mean ± std of ``test/<metric>`` per session;
+  ``<set>/<metric>`` reads another evaluation set, e.g. ``target/auroc`` per domain);
 * ``per_seed=<metric>`` adds a table of that metric per seed (rows) and strategy (columns);
 * ``bench=bench/<script>.py`` (instead of ``recipe``) makes a *measurement* block: ``--run`` executes
   ``python <script> <args> --json <runs root>/<id>/bench.json`` (``args=`` the script's options) and the
@@ -326,15 +327,25 @@ def evidence_entry(block: Block, runs_root: Path) -> dict[str, Any]:
 
 
 def session_table(result, metrics: list[str], std: str) -> str:
-    """Per strategy and metric, mean ± std over seeds of ``test/<metric>`` at every session."""
-    n = max((len(r.sessions) for g in result.groups for r in g.finished), default=0)
-    lines = [f"Per session (test set, %, mean ± {STD_LABELS[std]}; — = undefined):", "",
-             "| strategy | metric | " + " | ".join(f"s{i}" for i in range(n)) + " |",
+    """Per strategy and metric, mean ± std over seeds of ``<set>/<metric>`` at every session.
+
+    A metric without a ``<set>/`` prefix is read from the ``test`` set. Columns are the sessions' names
+    when the scenario gives them meaning (domains: ``clean``, ``contrast:5``), else ``s0 … sN``."""
+    runs = [r for g in result.groups for r in g.finished]
+    n = max((len(r.sessions) for r in runs), default=0)
+    longest = next((r for r in runs if len(r.sessions) == n), None)
+    names = [str(sess.get("name", "")) for sess in longest.sessions] if longest else []
+    if not names or any(not x or re.fullmatch(r"(session|task|episode)_\d+", x) for x in names):
+        names = [f"s{i}" for i in range(n)]
+    where = "test set, " if all("/" not in m for m in metrics) else ""
+    lines = [f"Per session ({where}%, mean ± {STD_LABELS[std]}; — = undefined):", "",
+             "| strategy | metric | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * n]
     for g in result.groups:
         for m in metrics:
+            eval_set, _, name = m.rpartition("/")
             cells = []
-            for values in session_values(g, m):
+            for values in session_values(g, name, eval_set or "test"):
                 mean, sd = mean_std(list(values.values()), std)
                 cells.append("—" if mean is None else f"{mean:.1f}" + ("" if sd is None else f" ± {sd:.1f}"))
             cells += ["—"] * (n - len(cells))
@@ -403,7 +414,8 @@ def write_bench_result(path: str | Path, tables: list[dict], notes: list[str] = 
                              f"the header {width}")
     payload = {"tables": [{"title": t.get("title", ""), "columns": list(map(str, t["columns"])),
                            "rows": [[str(c) for c in r] for r in t["rows"]]} for t in tables],
-               "notes": [str(n) for n in notes], "params": params or {}, "machine": machine_info()}
+               "notes": [str(n) for n in notes],
+               "params": {k: v for k, v in (params or {}).items() if k != "json"}, "machine": machine_info()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -418,11 +430,12 @@ def render_bench(result: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
         lines += ["| " + " | ".join(r) + " |" for r in t["rows"]]
         lines.append("")
-    lines += [n for n in result.get("notes", [])]
+    lines += [f"- {n}" for n in result.get("notes", [])]
     m = result.get("machine", {})
     where = ", ".join(x for x in (
         m.get("cpu"), f"{m['cpu_count']} CPUs" if m.get("cpu_count") else None, m.get("gpu"),
-        f"torch {m['torch']} ({m.get('torch_threads')} threads)" if m.get("torch") else None,
+        f"torch {m['torch']} ({m.get('torch_threads')} thread{'s' * (m.get('torch_threads') != 1)})"
+        if m.get("torch") else None,
         f"load average {m['load_average'][0]:.2f}" if m.get("load_average") else None) if x)
     if result.get("notes"):
         lines.append("")

@@ -141,7 +141,7 @@ def test_bench_block_runs_the_script_once_renders_its_tables_and_checks_the_text
     report([doc], runs, run=True)
     text = doc.read_text()
     assert "**speed**\n\n| n | ours | ratio |\n|---|---|---|\n| 7 | 1.00 ms | 3.0× |" in text
-    assert "max |diff| = 0" in text and "Measured " in text and "CPUs" in text
+    assert "- max |diff| = 0" in text and "Measured " in text and "CPUs" in text
     stored = json.loads((runs / "speed" / "bench.json").read_text())
     assert stored["params"]["n"] == 7 and stored["machine"]["cpu_count"] >= 1
     mtime = (runs / "speed" / "bench.json").stat().st_mtime_ns
