@@ -47,8 +47,14 @@ class RunRecord:
     config: dict = field(default_factory=dict)
 
     def settings(self) -> dict:
-        """Everything that defines the run besides the seed: strategy params, then recipe fields."""
-        return {**self.params, **{k: v for k, v in self.config.items() if k not in self.params}}
+        """Everything that defines the run besides the seed: strategy params, then recipe fields (not the
+        ones that cannot change its numbers: where it was written, how often it logged, its description)."""
+        return {**self.params, **{k: v for k, v in self.config.items()
+                                  if k not in self.params and k not in NOT_SETTINGS}}
+
+
+# recipe fields that never change a run's numbers (the runner's fingerprint ignores them too, with threads)
+NOT_SETTINGS = ("output", "log_every", "description")
 
 
 @dataclass

@@ -138,3 +138,27 @@ def test_compare_across_two_scenario_kinds(runs, tmp_path):
     assert result.table["quickstart/ncm"]["target/auroc"].mean is None  # not an open-set run
     names = {p.name for p in plot(result, tmp_path / "plots")}
     assert {"acc_per_session.png", "fscil_base_novel_hm.png", "open_set_roc.png"} <= names
+
+
+def test_runs_differing_only_in_description_or_output_form_one_group(runs, tmp_path):
+    """A recipe whose description was edited between seeds is still one strategy (the runner's resume
+    fingerprint ignores the description too); a real setting that differs still splits the group."""
+    import shutil
+
+    src = runs / "ncm"
+    dst = tmp_path / "quickstart" / "ncm"
+    for k, (field, value) in enumerate([(None, None), ("description", "edited"), ("output", "elsewhere")]):
+        shutil.copytree(src / f"seed{k}", dst / f"seed{k}")
+        if field:
+            f = dst / f"seed{k}" / "results.json"
+            res = json.loads(f.read_text())
+            res["config"][field] = value
+            f.write_text(json.dumps(res))
+    (group,) = compare([tmp_path / "quickstart"], ["avg"]).groups
+    assert group.label == "ncm" and len(group.finished) == 3
+    f = dst / "seed2" / "results.json"
+    res = json.loads(f.read_text())
+    res["config"]["eval_batch_size"] = 7
+    f.write_text(json.dumps(res))
+    assert sorted(g.label for g in compare([tmp_path / "quickstart"], ["avg"]).groups) == [
+        "ncm[eval_batch_size=256]", "ncm[eval_batch_size=7]"]

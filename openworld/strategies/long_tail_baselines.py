@@ -15,11 +15,21 @@ becomes its one-expert twin) with a linear classifier. Training follows the LT s
 may be noisy), ``last``, or ``test`` (opt-in, the official SADE CIFAR/iNat protocol: the runner hands
 over the labelled ``uniform`` test set for selection only and marks the results as not clean; the
 card's pitfall 1).
+
+The trained network is **cached** (like FACT's own base model): its state and selection record are stored
+under a content key of everything that determines them (:meth:`_LTClassifier.model_key`: scenario splits,
+backbone, the training settings, the loss offset τ, the selection rule and the τ it scores with, seed,
+training and selection data), in this process (``ctx._memo``) and in the run's cache folder. A second
+entry with the same settings — ``logit_adjustment`` (post-hoc, ``checkpoint: last``) after ``ce``, or the
+decoupled classifiers ``crt``/``tau_norm`` (:mod:`openworld.strategies.crt_tau_norm`), whose stage 1 is this
+CE network — loads it instead of training again; whoever comes first trains it and stores it the same way,
+so the numbers are the same either way. ``run_info()["lt_model"]`` says which happened.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +41,9 @@ from torch import Tensor, nn
 from openworld.data.views import batches
 from openworld.models.experts import single_branch_backbone
 from openworld.registry import register_strategy
-from openworld.strategies.base import NonFiniteLossError, Prediction, Strategy
+from openworld.strategies.base import NonFiniteLossError, Prediction, Strategy, stable_hash
+
+logger = logging.getLogger(__name__)
 
 EPS = 1e-9
 CHECKPOINTS = ("val", "last", "test")
@@ -213,16 +225,73 @@ class _LTClassifier(Strategy):
         self.net = None
         self.prior = None
         self.info: dict = {}
+        self.model_source: dict | None = None
 
     def _build(self) -> nn.Module:
         enc = single_branch_backbone(self.ctx.backbone_cfg, self.ctx.scenario["input_shape"])
         return nn.Sequential(enc, nn.Linear(enc.out_features, self.ctx.scenario["num_classes"])).to(self.ctx.device)
 
+    def model_key(self, session) -> str:
+        """The content key of the network :meth:`learn` trains (cached in memory and in the run's cache).
+
+        Everything that determines the trained state enters: scenario splits, backbone, input shape and
+        classes, every training setting, the loss offset τ, the selection rule and the post-hoc τ that
+        selection scores with (``logit_adjustment`` selects on adjusted scores), the seed (initialisation
+        and batch order derive from it), the training data (noisy labels included) and the selection data.
+        The strategy's class name does not: ``ce`` and the decoupled classifiers share one network.
+        """
+        sel = selection_data(self, session)
+        warm, ms = self._schedule().resolved()
+        spec = {
+            "what": "lt_classifier",
+            "scenario": self.ctx.scenario.get("fingerprint"),
+            "backbone": self.ctx.backbone_cfg,
+            "input_shape": list(self.ctx.scenario["input_shape"]),
+            "num_classes": self.ctx.scenario["num_classes"],
+            "train": {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
+                      "nesterov": True, "weight_decay": self.weight_decay, "warmup_epochs": warm,
+                      "milestones": list(ms), "gamma": self.gamma},
+            "train_tau": float(self.train_tau),
+            "checkpoint": self.checkpoint,
+            "select_tau": float(self.predict_tau) if self.checkpoint != "last" else 0.0,
+            "seed": self.ctx.seed,
+            "data": session.labeled.fingerprint(),
+            "val": sel.fingerprint() if sel is not None and len(sel) else None,
+        }
+        return stable_hash(spec)
+
     def learn(self, session) -> None:
-        c = session.classes.num_classes
         self.prior = prior_from_counts(session.classes.train_counts, self.ctx.device)
+        key = self.model_key(session)
+        memo = getattr(self.ctx, "_memo", None)
+        cache = self.ctx.cache
+        state, source = None, "trained"
+        if memo is not None and key in memo:
+            state, source = memo[key], "memo"
+        elif cache is not None and (cached := cache.load(key)) is not None and "info" in cached:
+            state, source = cached, "cache"
         torch.manual_seed(self.ctx.derive_seed("lt_classifier", "init"))  # same init for every baseline
         self.net = self._build()
+        if state is not None:
+            self.net.load_state_dict(state["state_dict"])
+            self.net.eval()
+            self.info = copy.deepcopy(state["info"])
+            logger.info("%s: network loaded from the %s (key %s); not retrained", type(self).__name__, source,
+                        key[:16])
+        else:
+            self._train(session)
+            state = {"state_dict": copy.deepcopy(self.net.state_dict()),
+                     "info": {"best_epoch": self.info["best_epoch"], "best_val": self.info["best_val"],
+                              "history": self.info["history"]}}
+            if cache is not None:
+                cache.save(key, state, meta={"tag": "lt_classifier", "strategy": type(self).__name__,
+                                             "best_epoch": self.info["best_epoch"], "best_val": self.info["best_val"]})
+        if memo is not None:
+            memo[key] = copy.deepcopy(state)
+        self.model_source = {"source": source, "key": key[:16]}
+
+    def _train(self, session) -> None:
+        c = session.classes.num_classes
         offset = self.train_tau * torch.log(self.prior + EPS)
 
         def loss_fn(x, y):
@@ -237,6 +306,10 @@ class _LTClassifier(Strategy):
         self.info = fit(self.net, session.labeled, loss_fn, ctx=self.ctx, schedule=self._schedule(),
                         batch_size=self.batch_size, momentum=self.momentum, weight_decay=self.weight_decay,
                         checkpoint=self.checkpoint, validate=validate, generator=gen, desc=f"{type(self).__name__}")
+
+    def run_info(self) -> dict:
+        src = getattr(self, "model_source", None)
+        return {"lt_model": dict(src)} if src else {}
 
     def selects_on_test(self) -> bool:
         return self.checkpoint == "test"
