@@ -518,6 +518,7 @@ class Runner:
             thresholds = {}
             for set_name, eval_set in session.eval_sets.items():
                 self._roc, self._threshold = None, None
+                strategy.begin_eval_set(set_name)
                 m, cm, pc, head = self.evaluate(strategy, eval_set, scenario.num_classes, features, set_name)
                 if self._roc is not None:
                     rocs[set_name] = self._roc

@@ -184,7 +184,7 @@ def run(tmp_path: Path, cfg: dict, cache: Path | None = None, **kwargs) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # keep the entries' order
-    out = Runner(load_recipe(path), out=tmp_path / "runs", progress=False, tensorboard=False, threads=2,
+    out = Runner(load_recipe(path), out=tmp_path / "runs", progress=False, tensorboard=False, threads=1,
                  stream=open(tmp_path / "log.txt", "a"), cache_dir=cache or tmp_path / "cache", **kwargs).run()
     return {r.strategy: r for r in out}
 
@@ -252,10 +252,22 @@ def test_digits_crt_and_tau_norm_reuse_the_ce_network_and_beat_ce_on_few(tmp_pat
 
 
 def test_resume_gives_the_same_numbers_and_state_round_trips(tmp_path):
-    cfg = recipe({"crt": {"epochs": 4, "batch_size": 64, "crt_epochs": 2, "crt_batch_size": 64,
-                          "backbone_bn": "train"},
-                  "tau_norm": {"epochs": 4, "batch_size": 64, "tau": 0.7}})
+    fast = {"epochs": 4, "batch_size": 64, "crt_epochs": 2, "crt_batch_size": 64}
+    cfg = recipe({"crt": {**fast, "backbone_bn": "train"},
+                  "tau_norm": {"epochs": 4, "batch_size": 64, "tau": 0.7},
+                  "crt_frozen": {"strategy": "crt", **fast},
+                  "crt_precomputed": {"strategy": "crt", **fast, "crt_augment": False}})
     ref = run(tmp_path / "a", cfg)
+    # digits has no training augmentation: features computed once give the per-batch path's result
+    frozen, pre = info(ref["crt_frozen"])["crt"], info(ref["crt_precomputed"])["crt"]
+    assert pre["features_precomputed"] and not frozen["features_precomputed"]
+    assert not info(ref["crt"])["crt"]["features_precomputed"] and info(ref["crt"])["crt"]["backbone_bn"] == "train"
+    assert uniform(ref["crt_precomputed"])["acc"] == pytest.approx(uniform(ref["crt_frozen"])["acc"], abs=1.0)
+    # backbone_bn: train re-estimates the encoder's batch-norm statistics (weights untouched)
+    bn_train, bn_frozen = net_state(ref["crt"]), net_state(ref["crt_frozen"])
+    stats = [k for k in bn_train if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(bn_train[k], bn_frozen[k]) for k in stats)
+    assert all(torch.equal(bn_train[k], bn_frozen[k]) for k in bn_train if k.endswith(".weight") and k[0] == "0")
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "b", cfg, stop_after_session=0)
     got = run(tmp_path / "b", cfg, resume=True)

@@ -156,7 +156,7 @@ def run(tmp_path: Path, cfg: dict, **kwargs) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    out = Runner(load_recipe(path), out=tmp_path / "runs", progress=False, tensorboard=False, threads=2,
+    out = Runner(load_recipe(path), out=tmp_path / "runs", progress=False, tensorboard=False, threads=1,
                  stream=open(tmp_path / "log.txt", "a"), cache_dir=tmp_path / "cache", **kwargs).run()
     return {r.strategy: r for r in out}
 

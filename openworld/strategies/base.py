@@ -647,6 +647,10 @@ class Strategy:
         estimated number of clusters K̂); stored as ``sessions[i].strategy_info`` in ``results.json``."""
         return {}
 
+    def begin_eval_set(self, name: str) -> None:
+        """Called by the runner before it scores the evaluation set ``name`` (its name only — never its
+        data or labels). Default: nothing. LADE's test-prior protocol uses it to pick the known prior."""
+
     def eval_diagnostics(self) -> dict[str, float]:
         """Scalars describing the strategy's state for the evaluation set just scored (e.g. SADE's
         aggregation weights after adapting to it); logged next to that set's metrics. Default: none."""

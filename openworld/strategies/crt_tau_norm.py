@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -170,9 +171,11 @@ class CRT(_LTClassifier):
                  weight_decay: float = 5e-4, warmup_epochs: int | None = None,
                  milestones: Sequence[int] | None = None, gamma: float = 0.1, checkpoint: str = "val",
                  crt_epochs: int = 10, crt_lr: float = 0.2, crt_batch_size: int = 512, crt_momentum: float = 0.9,
-                 crt_weight_decay: float = 5e-4, crt_schedule: str = "cosine_released", samples_per_class: int = 4,
-                 crt_epoch_size: str = "natural", backbone_bn: str = "frozen", crt_augment: bool = True,
-                 crt_checkpoint: str = "val"):
+                 crt_weight_decay: float = 5e-4,
+                 crt_schedule: Literal["cosine_released", "cosine"] = "cosine_released", samples_per_class: int = 4,
+                 crt_epoch_size: Literal["natural", "max_count"] = "natural",
+                 backbone_bn: Literal["frozen", "train"] = "frozen", crt_augment: bool = True,
+                 crt_checkpoint: Literal["val", "last"] = "val"):
         super().__init__(epochs, batch_size, lr, momentum, weight_decay, warmup_epochs, milestones, gamma, checkpoint)
         self.crt_epochs = _positive("crt", "crt_epochs", crt_epochs, integer=True)
         self.crt_lr = _positive("crt", "crt_lr", crt_lr)

@@ -40,6 +40,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +173,8 @@ class LADE(Strategy):
 
     supports = frozenset({"long_tail"})
 
-    def __init__(self, alpha: float = 0.1, remine_lambda: float = 0.01, test_prior: str = "known",
+    def __init__(self, alpha: float = 0.1, remine_lambda: float = 0.01,
+                 test_prior: Literal["known", "uniform"] = "known",
                  epochs: int = 200, batch_size: int = 256, lr: float = 0.2, momentum: float = 0.9,
                  nesterov: bool = False, weight_decay: float = 5e-4, warmup_epochs: int | None = None,
                  warmup_factor: float = 1.0 / 3.0, milestones: Sequence[int] | None = None, gamma: float = 0.01,

@@ -27,6 +27,7 @@ Card: ``docs/methods/ldam_drw.md``. Official code read: github.com/kaidic/LDAM-D
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +103,9 @@ class LDAMDRW(Strategy):
 
     supports = frozenset({"long_tail"})
 
-    def __init__(self, max_m: float = 0.5, s: float = 30.0, train_rule: str = "drw", beta: float = 0.9999,
-                 drw_epoch: int | None = None, epochs: int = 200, batch_size: int = 128, lr: float = 0.1,
-                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 2e-4,
+    def __init__(self, max_m: float = 0.5, s: float = 30.0, train_rule: Literal["drw", "reweight", "none"] = "drw",
+                 beta: float = 0.9999, drw_epoch: int | None = None, epochs: int = 200, batch_size: int = 128,
+                 lr: float = 0.1, momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 2e-4,
                  warmup_epochs: int | None = None, milestones: Sequence[int] | None = None, gamma: float = 0.01,
                  checkpoint: str = "val"):
         if not isinstance(max_m, (int, float)) or isinstance(max_m, bool) or max_m < 0:
