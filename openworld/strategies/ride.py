@@ -39,6 +39,8 @@ from openworld.models import experts as _experts  # noqa: F401  (registers the m
 from openworld.models.experts import NormedLinear
 from openworld.registry import register_strategy
 from openworld.strategies.base import NonFiniteLossError, Prediction, Strategy
+from openworld.strategies.ldam_drw import class_balanced_weights
+from openworld.strategies.ldam_drw import ldam_margins as _ldam_margins
 from openworld.strategies.long_tail_baselines import (
     LTSchedule,
     balanced_accuracy_of,
@@ -73,16 +75,15 @@ def _counts(counts) -> np.ndarray:
 
 
 def ldam_margins(counts, max_margin: float = 0.5) -> Tensor:
-    """LDAM margins ``m_c = n_c^{-1/4} · max_margin / max_j n_j^{-1/4}`` (float64)."""
-    m = 1.0 / np.sqrt(np.sqrt(_counts(counts)))
-    return torch.from_numpy(m * (max_margin / m.max()))
+    """LDAM margins ``m_c = n_c^{-1/4} · max_margin / max_j n_j^{-1/4}`` (float64; RIDE requires every
+    class to have training samples). The formula is LDAM-DRW's: :func:`openworld.strategies.ldam_drw.ldam_margins`."""
+    return _ldam_margins(torch.from_numpy(_counts(counts)), max_margin)
 
 
 def effective_number_weights(counts, beta: float = 0.9999) -> Tensor:
-    """DRW class weights ``(1−β)/(1−β^{n_c})`` normalised to sum C (Cui et al.; float64)."""
-    n = _counts(counts)
-    w = (1.0 - beta) / (1.0 - np.power(beta, n))
-    return torch.from_numpy(w / w.sum() * len(n))
+    """DRW class weights ``(1−β)/(1−β^{n_c})`` normalised to sum C (Cui et al.; float64), as LDAM-DRW's
+    :func:`openworld.strategies.ldam_drw.class_balanced_weights`."""
+    return class_balanced_weights(torch.from_numpy(_counts(counts)), beta)
 
 
 def diversity_temperature_weights(counts, reweight_factor: float = 0.05) -> Tensor:
