@@ -1,6 +1,7 @@
-"""The runner's generic guarantees, checked for each strategy of issue 11 (l2p, dualprompt, coda_prompt, fact,
-gcd): a killed run resumes to the same numbers, a run whose outputs are non-finite fails alone, and
-``learn`` only ever sees the label-stripped session (no eval sets, unlabelled targets −1)."""
+"""The runner's generic guarantees, checked for each rival of issues 11 and 14 (l2p, dualprompt, coda_prompt,
+fact, gcd; crt, tau_norm, lade, ldam_drw, ride, coteaching): a killed run resumes to the same numbers, a run
+whose outputs are non-finite fails alone, and ``learn`` only ever sees the label-stripped session (no eval
+sets, unlabelled targets −1). The long-tail rivals' resume checks are in their own test files."""
 
 from __future__ import annotations
 
@@ -46,8 +47,25 @@ RECIPES = {
                                "kmeans_n_init": 2}},
         "seeds": [0], "device": "cpu",
     },
+    "lt": {
+        "name": "rivals_lt",
+        "scenario": {"kind": "long_tail", "data": {"source": "digits"}, "imbalance": 10, "val_per_class": 10,
+                     "test_distributions": ["uniform"]},
+        "backbone": {"name": "mlp_experts", "trunk": 64, "out_features": 32},
+        "strategies": {
+            "crt": {"epochs": 1, "batch_size": 64, "crt_epochs": 1, "crt_batch_size": 64},
+            "tau_norm": {"epochs": 1, "batch_size": 64},
+            "lade": {"epochs": 1, "batch_size": 64},
+            "ldam_drw": {"epochs": 1, "batch_size": 64},
+            "ride": {"epochs": 1, "batch_size": 64},
+            "coteaching": {"epochs": 1, "batch_size": 64},
+        },
+        "seeds": [0], "device": "cpu",
+    },
 }
-KIND = {"l2p": "cil", "dualprompt": "cil", "coda_prompt": "cil", "fact": "fscil", "gcd": "gcd"}
+LT_RIVALS = ["crt", "tau_norm", "lade", "ldam_drw", "ride", "coteaching"]
+KIND = {"l2p": "cil", "dualprompt": "cil", "coda_prompt": "cil", "fact": "fscil", "gcd": "gcd",
+        **{name: "lt" for name in LT_RIVALS}}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -85,7 +103,7 @@ def metrics_only(res: dict) -> list[dict]:
 
 
 def test_every_rival_is_registered():
-    assert {"l2p", "dualprompt", "coda_prompt", "fact", "gcd"} <= set(STRATEGIES.names())
+    assert {"l2p", "dualprompt", "coda_prompt", "fact", "gcd", *LT_RIVALS} <= set(STRATEGIES.names())
 
 
 @pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt", "fact"])
@@ -101,7 +119,7 @@ def test_killed_run_resumes_to_the_same_numbers(name, tmp_path, one_thread):
     assert metrics_only(got) == metrics_only(reference) and got["summary"] == reference["summary"]
 
 
-@pytest.mark.parametrize("name", ["l2p", "fact", "gcd"])
+@pytest.mark.parametrize("name", ["l2p", "fact", "gcd", *LT_RIVALS])
 def test_non_finite_outputs_fail_only_that_run(name, tmp_path, monkeypatch, one_thread):
     cls = STRATEGIES.get(name)
     original = cls.predict
@@ -118,7 +136,7 @@ def test_non_finite_outputs_fail_only_that_run(name, tmp_path, monkeypatch, one_
     assert f"strategy '{name}'" in res["reason"] and "non-finite logits" in res["reason"]
 
 
-@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt", "fact", "gcd"])
+@pytest.mark.parametrize("name", ["l2p", "dualprompt", "coda_prompt", "fact", "gcd", *LT_RIVALS])
 def test_learn_sees_only_the_label_stripped_session(name, tmp_path, monkeypatch, one_thread):
     cls = STRATEGIES.get(name)
     original = cls.learn
