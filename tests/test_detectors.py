@@ -187,3 +187,19 @@ def test_detector_forwards_its_base_strategys_protocol_flags():
     assert msp(base="joint", base_params={"data": "full"}).uses_oracle_data()
     assert msp(base="teen", base_params={"session0_report": "max"}).selects_on_test() == STRATEGIES.get("teen")(
         session0_report="max").selects_on_test()
+
+
+def test_detector_forwards_the_evaluation_set_name_to_its_base_strategy():
+    # LADE picks its known test prior from the set's name; wrapped in a detector it must still see it
+    class Recorder:
+        names: list = []
+
+        def begin_eval_set(self, name):
+            self.names.append(name)
+
+    det = STRATEGIES.get("msp")(base="lade")
+    det.inner = None
+    det.begin_eval_set("uniform")  # before learning there is no inner strategy: nothing to forward
+    det.inner = Recorder()
+    det.begin_eval_set("backward50")
+    assert det.inner.names == ["backward50"]

@@ -310,6 +310,11 @@ class DetectorStrategy(Strategy):
         self.info_: dict[str, Any] = {}
         self.ep_protos: Tensor | None = None  # DA-FSOS: the episode's support prototypes
 
+    def begin_eval_set(self, name: str) -> None:
+        # the wrapped network may depend on the set's name too (LADE's known test prior)
+        if self.inner is not None:
+            self.inner.begin_eval_set(name)
+
     def _make_inner(self) -> Strategy:
         cls = STRATEGIES.get(self.base)
         inner = cls(**self.base_params)
