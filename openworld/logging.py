@@ -100,6 +100,13 @@ def truncate_events(run_dir: Path, session_start: int, train_step: int) -> int:
     writer.close()
     for f in files:  # the new file has a fresh name (time, pid, counter): only the old ones go
         f.unlink()
+    # TensorBoard reads a directory's event files in name order, and the resumed run's writer may get
+    # the same second and a counter that sorts before ours ("…10" < "…9.resumed"): name the kept
+    # events one second before the oldest original file, so they are always read first.
+    written = Path(writer._file_name)
+    stamps = [int(f.name.split(".")[3]) for f in files if f.name.split(".")[3].isdigit()]
+    first = min(stamps) - 1 if stamps else int(written.name.split(".")[3]) - 1
+    written.rename(run_dir / f"events.out.tfevents.{first:010d}.resumed")
     return len(kept)
 
 

@@ -38,6 +38,7 @@ from openworld.logging import (
     write_metrics_csv,
 )
 from openworld.metrics import History, NonFiniteError, create_engine, harmonic_mean, mean_ci95
+from openworld.profiling import NULL_TIMER, PhaseTimer, combine, runs_table, summary_line, to_table
 from openworld.registry import SCENARIOS
 from openworld.scenarios.base import EvalSet, Scenario
 from openworld.strategies.base import RunContext, TrainConfig, stable_hash
@@ -54,6 +55,9 @@ HEADLINES = {
     "long_tail": ["uniform/acc", "uniform/many", "uniform/medium", "uniform/few", "forward50/acc", "backward50/acc"],
     "open_set": ["target/hos", "target/os_star", "target/unk", "target/auroc", "target/fpr95", "target/closed_acc"],
 }
+
+# --profile: the command-level phase that holds the (separately profiled) runs.
+RUNS_PHASE = "runs"
 
 # Episodic scenarios (Scenario.episodic): summary keys of the means over episodes.
 EPISODIC_HEADLINES = {
@@ -203,6 +207,8 @@ class Runner:
         stream=None,
         stop_after_session: int | None = None,
         threads: int | None = None,
+        profile: bool = False,
+        profile_since: float | None = None,
     ):
         self.recipe = recipe
         self.out = Path(out or recipe.output) / recipe.name
@@ -236,6 +242,13 @@ class Runner:
         self._roc = None  # ROC points of the last open-set evaluation (for plots)
         self._threshold = None  # {"rule", "tau"} of the last open-set evaluation
         self._entry = None  # the strategy entry being run (for error messages)
+        # --profile: per-phase wall time, written per run directory (never part of the configuration,
+        # so never of the fingerprint --resume compares); off, the timer is a no-op that never syncs.
+        self.profile = profile
+        self.profile_since = profile_since  # time.perf_counter() when the command started (its imports: "startup")
+        self._timer = NULL_TIMER
+        self._profiles: list[tuple[Path, dict]] = []
+        self._resume_start = 0  # the session the run being profiled resumed at
 
     # ------------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -253,6 +266,10 @@ class Runner:
         return self._scenarios[key]
 
     def run(self) -> list[RunResult]:
+        top = self._new_timer()  # the whole command; each run also gets its own (run_one)
+        if top.enabled and self.profile_since is not None:
+            top.backdate(self.profile_since, "startup")
+        self._profiles = []
         n = len(self.strategies)
         self.say(
             f"openworld: recipe {self.recipe.name!r} · {n} strateg{'y' if n == 1 else 'ies'}"
@@ -260,21 +277,75 @@ class Runner:
         )
         # Load the data once up front: a missing or corrupt dataset is one clear error, not a failure
         # repeated for every (strategy, seed).
-        self.scenario(self.seeds[0]).describe()
+        with top.phase("data"):
+            self.scenario(self.seeds[0]).describe()
         if self.resume:  # before anything runs: a changed recipe never resumes or skips silently
             for entry in self.strategies:
                 for seed in self.seeds:
                     self.check_resumable(entry, seed)
-        results = [self.run_one(entry, seed) for entry in self.strategies for seed in self.seeds]
+        with top.phase(RUNS_PHASE):
+            results = [self.run_one(entry, seed) for entry in self.strategies for seed in self.seeds]
         if self.main and self.tensorboard:
-            write_custom_scalars_layout(self.out, results)
+            with top.phase("logging"):
+                write_custom_scalars_layout(self.out, results)
         self.say("")
         self.say(summary_table(results, self.recipe.scenario.kind, episodic=self.scenario(self.seeds[0]).episodic))
         failed = [r for r in results if r.status == "failed"]
         for r in failed:
             self.say(f"FAILED {r.strategy} seed {r.seed}: {r.reason} (details: {r.run_dir / 'error.log'})")
         self.say(f"\nTensorBoard: tensorboard --logdir {self.out}")
+        if top.enabled:
+            self._write_recipe_profile(top)
         return results
+
+    # -- --profile -------------------------------------------------------------------------------
+    def _new_timer(self):
+        """A started :class:`PhaseTimer` under ``--profile`` (rank 0 only), else the no-op timer. On CUDA
+        it synchronises the device at phase boundaries, so the times are the device's too."""
+        if not (self.profile and self.main):
+            return NULL_TIMER
+        sync = None
+        if self.device.type == "cuda":
+            device = self.device
+
+            def sync():
+                torch.cuda.synchronize(device)
+
+        return PhaseTimer(sync=sync).start()
+
+    def _write_profile(self, timer: PhaseTimer, run_dir: Path, entry: str, seed: int, status: str) -> None:
+        """``profile.json`` and ``profile.md`` of one (strategy, seed) run: the time of this process
+        (a resumed run: from the session it resumed at)."""
+        timer.stop()
+        report = timer.report(strategy=entry, seed=seed, status=status, device=str(self.device),
+                              resumed_from_session=self._resume_start)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "profile.json", report)
+        title = f"Profile — {self.recipe.name} · {entry} · seed {seed} ({status})"
+        if self._resume_start:
+            title += f", resumed at session {self._resume_start}"
+        atomic_write_bytes(run_dir / "profile.md", to_table(report, title).encode())
+        self._profiles.append((run_dir, report))
+
+    def _write_recipe_profile(self, top: PhaseTimer) -> None:
+        """``<out>/profile.{json,md}``: every run of this command summed, plus the work before and
+        after the runs, as shares of the command's wall time; and the one-line summary."""
+        total = top.stop()
+        own = top.report()
+        own["phases"].pop(RUNS_PHASE, None)  # replaced by the runs' own profiles (the gap stays "other")
+        runs = [rep for _, rep in self._profiles]
+        report = combine([own, *runs], total=total, recipe=self.recipe.name, device=str(self.device),
+                         runs=[{"run_dir": str(d.relative_to(self.out)), "status": rep["status"],
+                                "total_seconds": rep["total_seconds"],
+                                "shares": {k: p["share"] for k, p in rep["phases"].items()}}
+                               for d, rep in self._profiles])
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "profile.json", report)
+        text = to_table(report, f"Profile — {self.recipe.name}: {len(runs)} run(s) of this command")
+        if self._profiles:
+            text += "\n" + runs_table([(str(d.relative_to(self.out)), rep) for d, rep in self._profiles])
+        atomic_write_bytes(self.out / "profile.md", text.encode())
+        self.say(summary_line(report, self.out / "profile.md") + " (per run: <strategy>/seed<k>/profile.md)")
 
     # ------------------------------------------------------------------------------------------
     def run_dir(self, entry: str, seed: int) -> Path:
@@ -333,6 +404,7 @@ class Runner:
     def run_one(self, entry: str, seed: int) -> RunResult:
         run_dir = self.run_dir(entry, seed)
         results_path = run_dir / "results.json"
+        timer = self._new_timer()
         if self.resume and results_path.is_file():
             self.check_resumable(entry, seed)
             prev = json.loads(results_path.read_text())
@@ -346,28 +418,42 @@ class Runner:
         run_dir.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {"strategy": entry, "seed": seed, "status": "running", "sessions": []}
         self._tb = None
+        self._timer, self._resume_start = timer, 0
+        status = "interrupted"
         try:
-            return self._run(entry, seed, run_dir, record)
+            result = self._run(entry, seed, run_dir, record)
+            status = result.status
+            return result
         except KeyboardInterrupt:
             raise
         except (Exception, SystemExit) as exc:  # failure isolation: this run is marked failed, the others go on
+            status = "failed"
+            timer.unwind()  # phases the exception left open (entered without a with-block) end here
             reason = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, SystemExit):
                 reason = f"SystemExit({exc.code!r}): the strategy called sys.exit; only this run stops"
             if self.main:
-                atomic_write_bytes(run_dir / "error.log", traceback.format_exc().encode())
-                record.update(status="failed", reason=reason)
-                write_json(results_path, record)
+                with timer.phase("logging"):
+                    atomic_write_bytes(run_dir / "error.log", traceback.format_exc().encode())
+                    record.update(status="failed", reason=reason)
+                    write_json(results_path, record)
             self.say(f"{entry} seed {seed}: FAILED — {reason}")
             return RunResult(entry, seed, "failed", run_dir, {}, record.get("sessions", []), reason)
         finally:
+            timer.unwind()
             if self._tb is not None:
-                self._tb.close()
+                with timer.phase("logging"):
+                    self._tb.close()
                 self._tb = None
+            self._timer = NULL_TIMER
+            if timer.enabled:
+                self._write_profile(timer, run_dir, entry, seed, status)
 
     def _run(self, entry: str, seed: int, run_dir: Path, record: dict) -> RunResult:
         recipe = self.recipe
         self._entry = entry
+        timer = self._timer
+        ph = timer.phase
         threads = self.threads
         stored_config = run_dir / "config.resolved.yaml"
         if self.resume and not self._threads_explicit and stored_config.is_file():
@@ -376,8 +462,9 @@ class Runner:
             threads = int((yaml.safe_load(stored_config.read_text()) or {}).get("threads") or threads)
         torch.set_num_threads(threads)
         seed_everything(seed)
-        scenario = self.scenario(seed)
-        description = scenario.describe()
+        with ph("data"):
+            scenario = self.scenario(seed)
+            description = scenario.describe()
         fingerprint = stable_hash(description)
         cls = recipe.strategy_class(entry)
         params = recipe.strategy_params(entry)
@@ -393,6 +480,7 @@ class Runner:
         import yaml
 
         if self.main:
+            timer.enter("logging")
             env = environment_info(self.device)
             env_path = run_dir / "environment.json"
             if self.resume and env_path.is_file():  # keep what the run started on; say when it differs
@@ -408,6 +496,7 @@ class Runner:
             atomic_write_bytes(run_dir / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False).encode())
             write_json(env_path, env)
             write_json(run_dir / "splits.json", description)
+            timer.exit()
 
         # Resume: the latest finished session's checkpoint.
         start, ckpt = 0, None
@@ -415,13 +504,15 @@ class Runner:
         if self.resume and ckpt_dir.is_dir():
             done = sorted(int(p.stem.split("_")[1]) for p in ckpt_dir.glob("session_*.pt"))
             if done:
-                ckpt = torch.load(ckpt_dir / f"session_{done[-1]}.pt", map_location="cpu", weights_only=True)
-                start = done[-1] + 1
+                with ph("checkpoint"):
+                    ckpt = torch.load(ckpt_dir / f"session_{done[-1]}.pt", map_location="cpu", weights_only=True)
+                start = self._resume_start = done[-1] + 1
 
         if ckpt is not None and self.main and self.tensorboard:
             # Drop what the killed process logged after its last checkpoint: eval/* are indexed by session,
             # train/* by optimiser step, so one purge step cannot serve both.
-            truncate_events(run_dir, session_start=start, train_step=int(ckpt["global_step"]))
+            with ph("logging"):
+                truncate_events(run_dir, session_start=start, train_step=int(ckpt["global_step"]))
         tb = self._tb = TensorBoardLogger(run_dir, enabled=self.tensorboard and self.main)
         ctx = RunContext(
             device=self.device,
@@ -435,16 +526,18 @@ class Runner:
             },
             backbone=recipe.backbone.model_dump(),
             base=TrainConfig.from_dict(recipe.base.model_dump()),
-            cache=self.cache,
+            # profiled: cache loads/saves (state dicts) count as checkpoint, train scalars as logging
+            cache=self.cache if not timer.enabled else _TimedCache(self.cache, timer),
             amp=recipe.amp,
             log_every=recipe.log_every,
             progress=self.progress and self.main,
             eval_batch_size=recipe.eval_batch_size,
             num_workers=recipe.num_workers,
-            log_scalar=tb.scalar,
+            log_scalar=timer.wrap("logging", tb.scalar),
             memo=self._memo,
         )
-        strategy.setup(ctx)
+        with ph("train"):
+            strategy.setup(ctx)
         history = History(
             kind="cil" if kind == "cil" else "fscil",
             session_acc="acc" if recipe.metrics.session_acc == "sample" else "batch_mean",
@@ -452,16 +545,19 @@ class Runner:
         sessions_out: list[dict] = []
         raw: list[dict] = []
         if ckpt is not None:
-            strategy.load_state_dict(ckpt["strategy"])
-            sessions_out = json.loads(ckpt["sessions_json"])
-            raw = json.loads(ckpt["raw_json"])
+            with ph("checkpoint"):
+                strategy.load_state_dict(ckpt["strategy"])
+                sessions_out = json.loads(ckpt["sessions_json"])
+                raw = json.loads(ckpt["raw_json"])
             ctx.global_step = int(ckpt["global_step"])
+            timer.enter("metrics")  # the cross-session history, replayed
             for r in raw if kind in CROSS_SESSION_KINDS else []:
                 test = r["metrics"].get("test", {})
                 row = [test[f"task_{j:02d}/acc"] for j in range(r["index"] + 1) if f"task_{j:02d}/acc" in test]
                 if row:
                     history.set_row(r["index"], row)
                 history.record(r["index"], {k: v for k, v in test.items() if "/" not in k})
+            timer.exit()
         features: dict = {}
         flags = {
             "selection": recipe.base.selection,
@@ -498,12 +594,15 @@ class Runner:
             msg = ("trained on ORACLE data the protocol withholds (e.g. joint data: full) — "
                    "an upper bound, not comparable")
             record["warning"] = f"{record['warning']}; {msg}" if "warning" in record else msg
-        for session in scenario.sessions():
-            visible = session.visible(oracle=oracle)
+        for session in timer.iterate("data", scenario.sessions()):
+            with ph("data"):
+                visible = session.visible(oracle=oracle)
             if session.index < start:
-                strategy.restore_session(visible)
+                with ph("checkpoint"):  # resume: rebuilding what the checkpoint refers to
+                    strategy.restore_session(visible)
                 continue
             t0 = time.perf_counter()
+            timer.enter("train")
             ctx.start_session(session.index)
             if recipe.base.selection == "test" and "test" in session.eval_sets:
                 ctx.selection_override = session.eval_sets["test"].data
@@ -511,11 +610,13 @@ class Runner:
                 ctx.selection_override = self._selection_set(session)
             strategy.learn(visible)
             ctx.selection_override = None
+            timer.exit()
             train_s = time.perf_counter() - t0
             if not self.main:
                 continue  # other ranks only train; rank 0 evaluates, logs and checkpoints
             metrics, confusion, per_class, heads, rocs, diagnostics = {}, {}, {}, {}, {}, {}
             thresholds = {}
+            timer.enter("eval")  # metrics and data loading inside are charged to those phases
             for set_name, eval_set in session.eval_sets.items():
                 self._roc, self._threshold = None, None
                 strategy.begin_eval_set(set_name)
@@ -530,6 +631,8 @@ class Runner:
                 metrics[set_name], confusion[set_name], per_class[set_name] = m, cm, pc
                 if head != "default":
                     heads[set_name] = head
+            timer.exit()
+            timer.enter("metrics")
             if recipe.metrics.hm_rounding and "test" in metrics:
                 _round_hm(metrics["test"])
             if "test" in metrics and kind in CROSS_SESSION_KINDS:
@@ -538,6 +641,7 @@ class Runner:
                 if row:
                     history.set_row(session.index, row)
                 test.update(history.record(session.index, {k: v for k, v in test.items() if "/" not in k}))
+            timer.exit()
             raw.append({"index": session.index, "metrics": metrics})
             rec = {
                 "index": session.index,
@@ -558,6 +662,7 @@ class Runner:
                 "eval_seconds": round(time.perf_counter() - t0 - train_s, 3),
             }
             sessions_out.append(rec)
+            timer.enter("logging")
             for set_name, m in rec["metrics"].items():
                 for name, value in m.items():
                     tb.scalar(f"eval/{set_name}/{name}", value, session.index)
@@ -573,19 +678,22 @@ class Runner:
                 tb.image("eval/test/acc_matrix", acc_matrix_image(matrix), session.index)
                 tb.text("eval/test/acc_matrix", acc_matrix_table(matrix), session.index)
             tb.flush()
-            atomic_torch_save(
-                {
-                    "strategy": strategy.state_dict(),
-                    "sessions_json": json.dumps(sessions_out),
-                    "raw_json": json.dumps(raw),
-                    "global_step": ctx.global_step,
-                },
-                run_dir / "checkpoints" / f"session_{session.index}.pt",
-            )
-            if scenario.episodic and session.index > 0:  # episodes are independent: keep the last one only
-                (run_dir / "checkpoints" / f"session_{session.index - 1}.pt").unlink(missing_ok=True)
-            write_json(run_dir / "results.json", record)
-            write_metrics_csv(run_dir / "metrics.csv", sessions_out)
+            timer.exit()
+            with ph("checkpoint"):
+                atomic_torch_save(
+                    {
+                        "strategy": strategy.state_dict(),
+                        "sessions_json": json.dumps(sessions_out),
+                        "raw_json": json.dumps(raw),
+                        "global_step": ctx.global_step,
+                    },
+                    run_dir / "checkpoints" / f"session_{session.index}.pt",
+                )
+                if scenario.episodic and session.index > 0:  # episodes are independent: keep the last one only
+                    (run_dir / "checkpoints" / f"session_{session.index - 1}.pt").unlink(missing_ok=True)
+            with ph("logging"):
+                write_json(run_dir / "results.json", record)
+                write_metrics_csv(run_dir / "metrics.csv", sessions_out)
             bar.update(1)
             acc = rec["metrics"].get("test", {}).get("acc")
             if acc is not None:
@@ -597,8 +705,10 @@ class Runner:
             distributed.barrier()
             return RunResult(entry, seed, "finished", run_dir, {}, [])
 
-        summary = episodic_summary(sessions_out) if scenario.episodic else run_summary(sessions_out)
+        with ph("metrics"):
+            summary = episodic_summary(sessions_out) if scenario.episodic else run_summary(sessions_out)
         record.update(status="finished", summary=summary)
+        timer.enter("logging")
         hp = flatten({k: v for k, v in resolved.items() if k not in ("strategies",)})
         hp.update({f"strategy.{k}": v for k, v in strategy.get_params().items()})
         # what the strategy decided while learning (e.g. a detector's τ and the rule that chose it)
@@ -616,6 +726,7 @@ class Runner:
         tb.hparams(hp, hmetrics, last)
         tb.close()
         write_json(run_dir / "results.json", record)
+        timer.exit()
         distributed.barrier()
         return RunResult(entry, seed, "finished", run_dir, summary, sessions_out)
 
@@ -659,6 +770,8 @@ class Runner:
         """
         device = self.device
         data = eval_set.data
+        timer = self._timer
+        ph = timer.phase
         if getattr(strategy, "transductive", False):
             # Transductive strategies (e.g. SADE's test-time aggregation) see the inputs, never the labels.
             fraction = strategy.adapt_fraction()
@@ -669,7 +782,8 @@ class Runner:
                 adapt_idx, score_idx = self._adapt_split(len(data), fraction, seed)
                 strategy.adapt(data.subset(adapt_idx).hide_labels())
                 data = data.subset(score_idx)
-        engine = self._engine(eval_set, num_classes)
+        with ph("metrics"):
+            engine = self._engine(eval_set, num_classes)
         allowed = None
         if eval_set.classes:
             allowed = torch.zeros(num_classes, dtype=torch.bool, device=device)
@@ -682,7 +796,9 @@ class Runner:
             if cache_key not in features:
                 feats = [
                     strategy.encode(xb)
-                    for xb, _ in batches(root, bs, device=device, num_workers=self.recipe.num_workers)
+                    for xb, _ in timer.iterate(
+                        "data", batches(root, bs, device=device, num_workers=self.recipe.num_workers)
+                    )
                 ]
                 features[cache_key] = (root, torch.cat(feats))  # keep root alive: its id stays unique
             root_feats = features[cache_key][1]
@@ -694,10 +810,13 @@ class Runner:
         else:
             stream = (
                 (strategy.predict(xb), yb)
-                for xb, yb in batches(data, bs, device=device, num_workers=self.recipe.num_workers)
+                for xb, yb in timer.iterate(
+                    "data", batches(data, bs, device=device, num_workers=self.recipe.num_workers)
+                )
             )
         alt_engines: dict = {}
         for pred, yb in stream:
+            timer.enter("metrics")
             heads = {"default": pred.logits, **(pred.alternatives or {})}
             for head, logits in heads.items():
                 if logits.dtype not in (torch.float32, torch.float64):  # keep float64 (metrics.md §1)
@@ -712,6 +831,8 @@ class Runner:
                     if head not in alt_engines:
                         alt_engines[head] = self._engine(eval_set, num_classes)
                     alt_engines[head].observe(logits, yb, pred.unknown_score)
+            timer.exit()
+        timer.enter("metrics")
         where = f"strategy {self._entry or type(strategy).__name__!r}, eval set {set_name!r}"
         chosen, metrics = "default", self._compute(engine, where)
         # released-code protocols only (Prediction.alternatives): the better head by the accuracy the
@@ -732,7 +853,9 @@ class Runner:
         if cm is not None and eval_set.classes:
             seen = list(eval_set.classes)
             cm, per_class = cm[seen][:, seen], per_class[seen]
-        return (metrics, None if cm is None else cm.tolist(), None if per_class is None else per_class.tolist(), chosen)
+        out = (metrics, None if cm is None else cm.tolist(), None if per_class is None else per_class.tolist(), chosen)
+        timer.exit()
+        return out
 
     @staticmethod
     def _compute(engine, where: str) -> dict:
@@ -755,6 +878,26 @@ class Runner:
             pad = logits.new_full((logits.shape[0], num_classes - logits.shape[1]), float("-inf"))
             logits = torch.cat([logits, pad], dim=1)
         return logits.masked_fill(~allowed, float("-inf"))
+
+
+class _TimedCache:
+    """The run's :class:`Cache` under ``--profile``: loads and saves (state dicts) timed as ``checkpoint``."""
+
+    def __init__(self, cache: Cache, timer: PhaseTimer):
+        self._cache, self._timer = cache, timer
+
+    def load(self, key: str):
+        with self._timer.phase("checkpoint"):
+            return self._cache.load(key)
+
+    def save(self, key: str, state: dict, meta: dict | None = None):
+        with self._timer.phase("checkpoint"):
+            return self._cache.save(key, state, meta)
+
+    def __getattr__(self, name: str):  # everything else is the cache's own
+        if name.startswith("__") or name in ("_cache", "_timer"):  # copy/pickle probes before __init__
+            raise AttributeError(name)
+        return getattr(self._cache, name)
 
 
 def write_custom_scalars_layout(out: Path, results: list[RunResult]) -> None:

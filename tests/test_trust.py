@@ -179,6 +179,15 @@ def test_truncate_events_drops_what_came_after_the_checkpoint(tmp_path):
     assert [s for s, _ in got["train/loss"]] == list(range(1, 13))
     assert [s for s, _ in got["eval/test/acc"]] == [0, 1]
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    # the kept events are read first, before a new writer's file from the same second whose counter
+    # sorts lower ("…10" < "…9"): TensorBoard orders a directory's files by name
+    (kept_file,) = tmp_path.glob("events.out.tfevents.*")
+    later = TensorBoardLogger(tmp_path)
+    later.scalar("eval/test/acc", 20.0, 2)
+    later.close()
+    names = sorted(f.name for f in tmp_path.glob("events.out.tfevents.*"))
+    assert len(names) == 2 and names[0] == kept_file.name
+    assert [s for s, _ in scalars(tmp_path)["eval/test/acc"]] == [0, 1, 2]
 
 
 # -- threads and CPU recorded and pinned (item 14) --------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from openworld.models.pooling import MaxPool2x2
 from openworld.registry import register_backbone
 
 __all__ = [
@@ -292,7 +293,7 @@ class ConvBlock(nn.Sequential):
             nn.ReLU(inplace=True),
         ]
         if pool:
-            layers.append(nn.MaxPool2d(2))
+            layers.append(MaxPool2x2())
         super().__init__(*layers)
 
 

@@ -34,6 +34,8 @@ from torch import nn
 
 from openworld.registry import register_backbone
 
+from .pooling import MaxPool2x2
+
 __all__ = [
     "CNNExperts",
     "IndependentExperts",
@@ -156,7 +158,7 @@ def _conv_block(cin: int, cout: int, pool: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
                                nn.ReLU(inplace=True)]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(MaxPool2x2())
     return nn.Sequential(*layers)
 
 

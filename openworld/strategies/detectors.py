@@ -68,6 +68,7 @@ from openworld.metrics.open_set import (
     threshold_ros_mean,
     threshold_source_quantile,
 )
+from openworld.models.pooling import MaxPool2x2
 from openworld.registry import STRATEGIES, register_backbone, register_strategy
 from openworld.strategies.base import Prediction, Strategy, class_means
 
@@ -98,7 +99,7 @@ class OSDACNN(nn.Module):
         for w in widths:
             blocks.append(
                 nn.Sequential(
-                    nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+                    nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True), MaxPool2x2()
                 )
             )
             c = w
