@@ -19,6 +19,9 @@ The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which run
   ``sessions=acc,acc_novel,…`` adds a per-session table (mean ± std of ``test/<metric>`` per session;
   ``<set>/<metric>`` reads another evaluation set, e.g. ``target/auroc`` per domain);
 * ``per_seed=<metric>`` adds a table of that metric per seed (rows) and strategy (columns);
+* ``times=<limit seconds>`` shows, instead of metrics, the seconds each strategy's runs took (training +
+  evaluation of every session, as recorded in ``results.json``; mean and max over seeds) and whether the
+  slowest run stayed within the limit;
 * ``bench=bench/<script>.py`` (instead of ``recipe``) makes a *measurement* block: ``--run`` executes
   ``python <script> <args> --json <runs root>/<id>/bench.json`` (``args=`` the script's options) and the
   block renders the tables that the script stored with :func:`write_bench_result`, with the machine it ran
@@ -31,7 +34,8 @@ The attributes (``key=value``, shell quoting, ``set=`` repeatable) say which run
 ``report`` regenerates every block from the finished runs; ``--run`` first runs what is missing (the same
 command the block shows, resumable: finished runs are kept, a changed recipe is refused); ``--check``
 regenerates and fails when the text of a block differs from the committed one. Timings are never part of a
-run block, so a rerun on the same CPU with the same threads reproduces it exactly; measurement (``bench=``)
+run block (except the recorded ones a ``times=`` block asks for, read from the runs on disk), so a rerun on
+the same CPU with the same threads reproduces it exactly; measurement (``bench=``)
 blocks show the stored timings of one bench run.
 """
 
@@ -44,6 +48,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -68,7 +73,7 @@ DEFAULT_DOCS = ("BENCHMARKS.md", "docs/results", "docs/evidence.md")
 DEFAULT_RUNS = Path("runs") / "report"
 EVIDENCE_JSON = Path("docs") / "evidence.json"
 _KEYS = {"id", "recipe", "strategies", "seeds", "set", "data", "threads", "metrics", "std", "claim", "method",
-         "baseline", "metric", "direction", "note", "runs", "sessions", "per_seed", "bench", "args"}
+         "baseline", "metric", "direction", "note", "runs", "sessions", "per_seed", "bench", "args", "times"}
 BENCH_RESULT = "bench.json"
 _CLAIM_KEYS = ("method", "baseline", "metric", "direction")
 
@@ -365,6 +370,34 @@ def per_seed_table(result, metric: str) -> str:
     return "\n".join(lines)
 
 
+def run_seconds(run_dir: Path) -> tuple[float, str]:
+    """(training + evaluation seconds over every session, status) recorded in a run's ``results.json``."""
+    res = json.loads((Path(run_dir) / "results.json").read_text())
+    total = sum(float(s.get("train_seconds", 0.0)) + float(s.get("eval_seconds", 0.0)) for s in res.get("sessions", []))
+    return total, str(res.get("status", ""))
+
+
+def times_table(block: Block, runs_root: Path) -> str:
+    """Per strategy: seconds per run (mean and max over its seeds) against the block's ``times`` limit."""
+    try:
+        limit = float(block.get("times"))
+    except ValueError:
+        raise ReportError(f"{block.where()}: times={block.get('times')!r} must be a number of seconds") from None
+    pairs, name = expected_runs(block)
+    per: dict[str, list[float]] = {}
+    for strategy, seed in pairs:
+        seconds, _ = run_seconds(block.run_dir(runs_root) / name / strategy / f"seed{seed}")
+        per.setdefault(strategy, []).append(seconds)
+    lines = [f"| strategy | runs | mean s | max s | within {limit:g} s |", "|---|---|---|---|---|"]
+    for strategy, values in per.items():
+        ok = "yes" if max(values) <= limit else "**no**"
+        lines.append(f"| {strategy} | {len(values)} | {statistics.mean(values):.0f} | {max(values):.0f} | {ok} |")
+    lines += ["", f"Seconds per strategy × seed: training + evaluation of every session as recorded in each run's "
+              f"`results.json` ({block.threads} CPU thread{'s' * (block.threads != 1)} per run; start-up and data "
+              "loading, a few seconds, not included)."]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # Measurement (bench=) blocks
 # ------------------------------------------------------------------------------------------------
@@ -459,6 +492,8 @@ def render(block: Block, runs_root: Path) -> str:
     lines = ["```bash", block.command(DEFAULT_RUNS), "```", ""]
     if block.is_bench:
         return "\n".join(lines + [render_bench(json.loads(block.bench_result(runs_root).read_text()))]) + "\n"
+    if block.get("times"):
+        return "\n".join(lines + [times_table(block, runs_root)]) + "\n"
     metrics = block.get("metrics")
     result = compare(_runs_of(block, runs_root), metrics.split(",") if metrics else None, std=block.std)
     table = result.to_markdown()

@@ -156,3 +156,23 @@ def test_bench_block_runs_the_script_once_renders_its_tables_and_checks_the_text
                        ("id=s bench=bench/nope.py", "bench script bench/nope.py not found")]:
         with pytest.raises(ReportError, match=msg):
             report([doc_with(tmp_path, attrs)], runs, run=True)
+
+
+def test_times_block_shows_recorded_seconds_per_strategy_against_the_limit(tmp_path):
+    runs = tmp_path / "runs"
+    recorded = {("teen", 0): [(100.0, 20.0), (50.0, 1.5)], ("teen", 1): [(140.0, 10.0), (60.0, 2.0)],
+                ("ncm", 0): [(1.0, 2.0)], ("ncm", 1): [(1.5, 2.5)]}
+    for (strategy, seed), sessions in recorded.items():
+        d = runs / "t" / "quickstart" / strategy / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"status": "finished", "sessions": [
+            {"train_seconds": a, "eval_seconds": b} for a, b in sessions]}))
+    doc = doc_with(tmp_path, f"id=t recipe={QUICKSTART} strategies=teen,ncm seeds=0,1 times=200")
+    report([doc], runs)
+    text = doc.read_text()
+    # teen: 171.5 and 212 s → mean 191.75, max 212 > 200; ncm: 3 and 4 s
+    assert "| teen | 2 | 192 | 212 | **no** |" in text and "| ncm | 2 | 4 | 4 | yes |" in text
+    assert "within 200 s" in text and "| strategy | seeds |" not in text  # no metrics table
+    doc = doc_with(tmp_path, f"id=t recipe={QUICKSTART} strategies=ncm seeds=0 times=soon")
+    with pytest.raises(ReportError, match="times='soon' must be a number"):
+        report([doc], runs)
