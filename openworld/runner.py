@@ -658,6 +658,8 @@ class Runner:
                 **({"diagnostics": diagnostics} if diagnostics else {}),  # as the strategy reports them, not ×100
                 **({"thresholds": thresholds} if thresholds else {}),  # the engine's known/unknown decision
                 **({"strategy_info": info} if (info := strategy.run_info()) else {}),
+                # active scenarios: the round's label queries, as the scenario's own handle logged them
+                **({"queries": q.record()} if (q := session.info.get("label_query")) is not None else {}),
                 "train_seconds": round(train_s, 3),
                 "eval_seconds": round(time.perf_counter() - t0 - train_s, 3),
             }
