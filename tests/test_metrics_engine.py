@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from openworld.metrics import History, MetricsEngine, confusion_counts, fscil_session_metrics, topk_accuracy
+from openworld.metrics import (
+    History,
+    MetricsEngine,
+    confusion_counts,
+    fscil_session_metrics,
+    target_rank,
+    topk_accuracy,
+)
 
 TOL = 1e-6
 Y_A = [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
@@ -155,7 +162,8 @@ class _OpRecorder(TorchDispatchMode):
 
 @pytest.mark.parametrize("chunk", [100, None])
 def test_update_has_no_host_sync_ops(chunk):
-    """update: one scatter-add into the confusion buffer (+1 for the chunk buffer), no sync-prone op."""
+    """update: one scatter-add into the confusion buffer (+1 into the rank histogram when logits are
+    given; the batch-mean chunks cost no scatter in update), no sync-prone op."""
     eng = MetricsEngine(20, topk=(5,), chunk_size=chunk, groups={"base": [0, 1], "novel": [2]})
     z = torch.randn(64, 20)
     y = torch.randint(-1, 20, (64,))
@@ -164,7 +172,141 @@ def test_update_has_no_host_sync_ops(chunk):
     forbidden = {"_local_scalar_dense", "item", "bincount", "nonzero", "unique", "_unique2", "masked_select",
                  "index", "equal", "is_nonzero", "tolist"}
     assert not forbidden & set(rec.ops), rec.ops
-    assert rec.ops.count("scatter_add_") == (2 if chunk else 1)
+    assert rec.ops.count("scatter_add_") == 2
+    with _OpRecorder() as rec:
+        eng.update(z.argmax(1), y)
+    assert rec.ops.count("scatter_add_") == 1
+
+
+@pytest.mark.parametrize("chunk", [100, None])
+def test_update_preds_only_op_budget(chunk, monkeypatch):
+    """An int64 1-D batch on the engine's device: five ops (two clamps, the index, one scatter-add),
+    no conversion, copy or allocation of a ones vector (steady state: the segment views are cached)."""
+    from openworld.metrics import engine as engine_mod
+
+    monkeypatch.setitem(engine_mod._SEGMENT, "cpu", 192)
+    eng = MetricsEngine(20, topk=(5,), chunk_size=chunk)
+    y, p = torch.randint(-1, 20, (64,)), torch.randint(-2, 22, (64,))
+    for _ in range(4):  # the ones vector, a view per segment third, one fold (numpy, once per segment)
+        eng.update(p, y)
+    with _OpRecorder() as rec:
+        eng.update(p, y)
+    assert len(rec.ops) == 5 and rec.ops.count("clamp") == 2 and rec.ops[-1] == "scatter_add_", rec.ops
+    assert not {"_to_copy", "copy_", "ones", "ones_like", "empty", "slice"} & set(rec.ops), rec.ops
+    assert eng.counts().sum() == 5 * int(((y >= 0) & (y < 20)).sum())
+
+
+def _engines_both_folds(monkeypatch, seg, **kw):
+    """Two CPU engines that differ only in the fold: numpy (the CPU path) and torch (the device path)."""
+    from openworld.metrics import engine as engine_mod
+
+    monkeypatch.setitem(engine_mod._SEGMENT, "cpu", seg)
+    host = MetricsEngine(**kw)
+    dev = MetricsEngine(**kw)
+    dev._host_fold = False
+    dev.reset()  # a device-side carry
+    return host, dev
+
+
+def test_batch_mean_across_folds_exact(monkeypatch):
+    """Chunks of 3 valid samples crossing segment (4) and batch (3) boundaries, padding anywhere."""
+    y = [0, -1, 1, 1, -1, -1, 2, 0, 0, 1]
+    p = [0, 5, 1, 0, 0, 0, 2, 0, 1, 1]
+    # valid samples: ✓ ✓ ✗ | ✓ ✓ ✗ | ✓  ->  (2/3 + 2/3 + 1) / 3
+    for eng in _engines_both_folds(monkeypatch, 4, num_classes=3, topk=(), chunk_size=3):
+        for i in range(0, len(y), 3):
+            eng.update(T(p[i : i + 3]), T(y[i : i + 3]))
+        m = eng.compute()
+        assert m["acc_batch_mean"] == pytest.approx(7 / 9, abs=1e-12)
+        assert m["acc"] == pytest.approx(5 / 7, abs=1e-12) and eng.num_samples == 7
+        eng.update(T([2, 2]), T([2, 0]))  # compute() folded what was pending; the stream goes on: ✓ ✓ ✗
+        assert eng.compute()["acc_batch_mean"] == pytest.approx(2 / 3, abs=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    k=st.integers(1, 9),
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    chunk=st.integers(1, 9),
+    seg=st.integers(1, 24),
+    arithmetic=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_host_and_device_fold_agree(k, sizes, chunk, seg, arithmetic, seed):
+    """The numpy fold (lookup table or arithmetic decode) and the torch fold give identical counts and
+    metrics for any batch sizes, segment size (batches longer than a segment included) and padding."""
+    from openworld.metrics import engine as engine_mod
+
+    with pytest.MonkeyPatch.context() as mp:
+        if arithmetic:
+            mp.setattr(engine_mod, "_SMALL_TABLE", 0)
+        host, dev = _engines_both_folds(mp, seg, num_classes=k, topk=(), chunk_size=chunk)
+        g = torch.Generator().manual_seed(seed)
+        for b in sizes:
+            y = torch.randint(-2, k + 2, (b,), generator=g)
+            p = torch.where(torch.rand(b, generator=g) < 0.5, y, torch.randint(-2, k + 2, (b,), generator=g))
+            host.update(p, y)
+            dev.update(p, y)
+        a, d = host.compute(), dev.compute()
+    assert torch.equal(host.counts(), dev.counts())
+    assert list(a) == list(d)
+    assert all((math.isnan(a[key]) and math.isnan(d[key])) or a[key] == d[key] for key in a), (a, d)
+    # and both equal the per-sample definition
+    ys, ps = [], []
+    g = torch.Generator().manual_seed(seed)
+    for b in sizes:
+        y = torch.randint(-2, k + 2, (b,), generator=g)
+        ps += torch.where(torch.rand(b, generator=g) < 0.5, y, torch.randint(-2, k + 2, (b,), generator=g)).tolist()
+        ys += y.tolist()
+    flags = [int(yi == pi) for yi, pi in zip(ys, ps) if 0 <= yi < k]
+    if flags:
+        chunks = [flags[i : i + chunk] for i in range(0, len(flags), chunk)]
+        assert a["acc_batch_mean"] == pytest.approx(sum(sum(c) / len(c) for c in chunks) / len(chunks), abs=1e-12)
+    else:
+        assert math.isnan(a["acc_batch_mean"])
+
+
+def test_topk_ties_and_masked_labels_exact():
+    """Rank = #{z_c > z_y} + #{c < y: z_c == z_y}, also when the label's own logit is -inf."""
+    ninf = -math.inf
+    z = T([[ninf, ninf, 0.0, ninf],  # y=1: 1 above + 1 tied lower -> rank 2
+           [1.0, 1.0, 1.0, 0.0],  # y=2: 2 tied lower -> rank 2
+           [1.0, 1.0, 1.0, 0.0],  # y=0: rank 0
+           [0.5, 2.0, 2.0, 3.0],  # y=2: 1 above + 1 tied lower -> rank 2
+           [0.0, 0.0, 0.0, 0.0]])  # y=-1: ignored
+    y = T([1, 2, 0, 2, -1])
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        eng = MetricsEngine(4, topk=(1, 2, 3), chunk_size=None)
+        eng.update(None, y, logits=z.to(dtype))
+        m = eng.compute()
+        assert (m["top1"], m["top2"], m["top3"]) == (0.25, 0.25, 1.0), dtype
+        assert m["acc"] == 0.25 and eng.num_samples == 4
+    assert target_rank(z[:4], y[:4]).tolist() == [2, 2, 0, 2]  # the one-shot definition agrees
+
+
+def test_inputs_of_other_dtypes_and_devices_are_converted():
+    eng = MetricsEngine(5, topk=(), chunk_size=2)
+    eng.update(T(P_A, dtype=torch.int32), T(Y_A, dtype=torch.int16))
+    ref = MetricsEngine(5, topk=(), chunk_size=2)
+    ref.update(T(P_A), T(Y_A))
+    assert torch.equal(eng.counts(), ref.counts()) and eng.compute() == ref.compute()
+    assert eng.confusion().tolist() == CM_A
+
+
+def test_batch_mean_sample_limit(monkeypatch):
+    from openworld.metrics import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "_MAX_SAMPLES", 10)
+    monkeypatch.setitem(engine_mod._SEGMENT, "cpu", 4)
+    eng = MetricsEngine(3, topk=())
+    eng.update(T([0, 1, 2, 0]), T([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="chunk_size=None"):
+        for _ in range(3):
+            eng.update(T([0, 1, 2, 0]), T([0, 1, 2, 0]))
+    eng_off = MetricsEngine(3, topk=(), chunk_size=None)  # no per-sample stream: no limit
+    for _ in range(4):
+        eng_off.update(T([0, 1, 2, 0]), T([0, 1, 2, 0]))
+    assert eng_off.compute()["acc"] == 1.0
 
 
 def _one_shot(k, y, p, z, groups, chunk):

@@ -2,23 +2,37 @@
 
 :class:`MetricsEngine` keeps one eval set's counts on the run's device:
 
-- ``buf``: a preallocated flat int64 buffer of length K(K+1)+1. ``cmx = buf[:K(K+1)].view(K, K+1)``
-  (rows = true class; the last column counts predictions outside 0…K-1) and ``buf[K(K+1)]`` is the
-  trash bin for samples whose label is -1 or out of range. Each :meth:`~MetricsEngine.update` does
-  exactly one integer ``scatter_add_`` into it.
-- ``aux``: int64 ``[top-k hits per k…, batches without logits, valid samples, bad logit rows, checked
-  rows]``. Whenever ``logits`` are given, the rows with a valid label whose logits hold a NaN or
-  ``+inf`` or only ``-inf`` entries are counted (element-wise, no sync); :meth:`~MetricsEngine.compute`
-  reads that count in its one transfer and raises :class:`NonFiniteError` when it is > 0.
-- ``chunk``: correct counts per consecutive chunk of ``chunk_size`` valid samples (TEEN's batch-mean
-  accuracy, spec §5 compat). A sample's chunk is ``(valid samples before it) // chunk_size``, computed
-  on the device from a running count, so hidden-label padding anywhere in the stream does not shift
-  the chunks. The buffer is sized from the host-side sample offset (an upper bound taken from batch
-  shapes) and grows by doubling on the device when needed; pass ``num_samples`` to preallocate.
+- ``buf``: a preallocated flat int64 buffer of ``(K+2)²`` cells, row ``clamp(y, -1, K) + 1``, column
+  ``clamp(p, -1, K) + 1``, so the flat index of a sample is ``p' + (K+2)·y' + (K+3)`` (two
+  clamps and two adds, no comparison or ``where``). Rows 0 and K+1 collect the samples whose label is
+  -1 or out of range (ignored); columns 0 and K+1 both count predictions outside 0…K-1 and are folded
+  into one "outside" column when the counts are read, so ``cmx`` (rows = true class, last column =
+  outside predictions) is the ``[K, K+1]`` view ``buf[1:K+1, 1:]``. Each
+  :meth:`~MetricsEngine.update` does exactly one integer ``scatter_add_`` into it (the source is a
+  preallocated ones vector).
+- ``hist``: int64 ``[4, R]`` counts by (row state, rank of the true class), R = K when top-k is asked
+  (else 1), plus one flag. Row state: 0 valid label and usable logits, 1 ignored label, 2 valid label
+  with unusable logits (a NaN or ``+inf`` entry, or only ``-inf`` entries: ``amax`` of the row is not
+  finite), 3 ignored label with unusable logits. Batches with ``logits`` add one ``scatter_add_``
+  into it; the top-k hits, the bad-row and checked-row counts are read from it at compute time
+  (:meth:`~MetricsEngine.compute` raises :class:`NonFiniteError` when a valid row had unusable
+  logits). The last cell is set once a batch without logits arrives (top-k is then NaN).
+- ``segment`` and ``ends`` (only with ``chunk_size``): ``acc_batch_mean`` needs TEEN's chunks of
+  ``chunk_size`` VALID samples (spec §5 compat). ``update`` writes each sample's flat index into a
+  preallocated segment (the ``out=`` of the op that computes it, so it costs no extra op); when the
+  segment is full (and at compute time) it is folded: a table lookup (on the CPU for K > 254 the
+  same by arithmetic, as the table would miss the cache) packs (valid, correct) into one integer,
+  one cumulative sum (offset by a carry) gives both running counts, and ``searchsorted`` finds the
+  sample that closes each chunk; ``ends[j]`` keeps the running correct count there. A sample's
+  chunk is thus ``(valid samples before it) // chunk_size``, so hidden-label
+  padding anywhere in the stream does not shift the chunks. On the CPU the fold runs in numpy on
+  the same memory (32 Ki samples, in cache); on a device it runs as torch ops with a device carry
+  (no sync). Memory: the segment plus 8 bytes per chunk; at most 2³⁰ samples per evaluation.
 
 Nothing in ``update`` reads a value back to the host (no ``.item()``, ``bincount``, boolean
-indexing, ``nonzero`` or ``unique``). :meth:`~MetricsEngine.compute` evaluates every scalar into one
-float64 device tensor and transfers it once.
+indexing, ``nonzero`` or ``unique``), and an int64 1-D input already on the engine's device is used
+as is (no conversion op). :meth:`~MetricsEngine.compute` evaluates every scalar into one float64
+device tensor and transfers it once.
 """
 
 from __future__ import annotations
@@ -33,18 +47,23 @@ from . import continual as _cl
 from .classification import (
     LOGITS_DETAIL,
     NonFiniteError,
-    _accuracy_t,
     _as_long_1d,
-    _balanced_t,
     _class_mask,
+    _diag_t,
     _harmonic_t,
     _masked_mean_t,
-    _nonfinite_rows_t,
     _per_class_t,
     _support_t,
-    _topk_hits_t,
-    flat_confusion_index,
 )
+
+_PACK = 1 << 30  # acc_batch_mean packs the running (valid, correct) counts as valid·2³⁰ + correct
+_MAX_SAMPLES = _PACK  # so the correct count never reaches the valid bits
+# samples kept before they are folded into the chunk counts: a CPU segment stays in L2, a GPU one
+# amortises the fold's ~15 launches
+_SEGMENT = {"cpu": 1 << 15}
+_SEGMENT_DEFAULT = 1 << 20
+_TRIANGLE_MAX = 2048  # up to this K the "column < label" masks are rows of a cached K×K table (≤ 4 MiB)
+_SMALL_TABLE = 1 << 16  # cells of the CPU fold's lookup table (int32: 256 KiB, fits in L2)
 
 __all__ = ["ENGINES", "History", "MetricsEngine", "NonFiniteError", "create_engine", "mean_ci95", "register_engine"]
 
@@ -130,18 +149,41 @@ class MetricsEngine:
         self._has_hm = "base" in self.groups and "novel" in self.groups
 
         dev = self.device
-        self._buf = torch.zeros(k * (k + 1) + 1, dtype=torch.int64, device=dev)
-        self._ks = torch.tensor(self.topk, dtype=torch.int64, device=dev)
+        s = k + 2  # row/column stride of the count buffer
+        self._buf = torch.zeros(s * s, dtype=torch.int64, device=dev)
         self._nk = len(self.topk)
-        # [hits…, no_logits, n_valid, bad logit rows, checked rows]
-        self._aux = torch.zeros(self._nk + 4, dtype=torch.int64, device=dev)
-        n0 = int(num_samples) if num_samples else 0
-        nchunks = -(-n0 // self.chunk_size) if (self.chunk_size and n0) else 1
-        self._chunk = torch.zeros(max(nchunks, 1), dtype=torch.int64, device=dev)
+        self._ks_idx = torch.tensor([kk - 1 for kk in self.topk], dtype=torch.int64, device=dev)
+        # rank histogram: [4 row states, R ranks] + the "a batch had no logits" flag (module docstring)
+        self._rr = k if self._nk else 1
+        self._hist = torch.zeros(4 * self._rr + 1, dtype=torch.int64, device=dev)
+        # row-state offset by clamped label: 2R valid, 3R ignored (the label -1 wraps to the last cell);
+        # adding -2R·(logits usable) then gives states 0…3
+        state = torch.full((k + 1,), 2 * self._rr, dtype=torch.int64, device=dev)
+        state[k] = 3 * self._rr
+        self._state = state
+        self._cls = torch.arange(k, dtype=torch.int64, device=dev).unsqueeze(0)
+        self._tri: torch.Tensor | None = None  # [K, K] bool "column < row", built on the first logits batch
+        self._inf: dict[torch.dtype, torch.Tensor] = {}
+        self._no_logits = False  # host mirror of the hist flag: set it once, not per batch
+        self._ones = torch.ones(0, dtype=torch.int64, device=dev)  # scatter source, grown to the largest batch
+        self._seg = torch.empty(0, dtype=torch.int64, device=dev)  # flat indices not yet folded into chunks
+        self._seg_n = 0
+        self._seg_views: dict[tuple[int, int], torch.Tensor] = {}
+        self._ends = torch.zeros(0, dtype=torch.int64, device=dev)
+        self._host_fold = dev.type == "cpu"  # fold with numpy on the same memory (tests force the torch fold)
+        self._fold_tmp: dict[str, np.ndarray] | None = None
+        self._packtab: torch.Tensor | None = None
+        if self.chunk_size is not None:
+            n0 = int(num_samples) if num_samples else 0
+            self._seg = torch.empty(_SEGMENT.get(dev.type, _SEGMENT_DEFAULT), dtype=torch.int64, device=dev)
+            self._ends = torch.zeros(n0 // self.chunk_size + 2, dtype=torch.int64, device=dev)
+            self._arange = torch.arange(self._seg.numel() // self.chunk_size + 2, device=dev)
+        self._carry: int | torch.Tensor = 0 if self._host_fold else torch.zeros((), dtype=torch.int64, device=dev)
         if self.groups:
             self._gmask = torch.stack([_class_mask(cls, k, dev) for cls in self.groups.values()])
         else:
             self._gmask = torch.zeros(0, k, dtype=torch.float64, device=dev)
+        self._fast_dev = self.device  # device of inputs that need no move (set from the first moved input)
         self._offset = 0  # samples seen, from batch shapes (host int; padding included)
         self._batch_mean_ok = True
         self._reduced = False
@@ -149,59 +191,174 @@ class MetricsEngine:
 
     # -- accumulation ----------------------------------------------------------------------------
 
+    def _ids(self, x, name: str) -> torch.Tensor:
+        """``x`` as a 1-D int64 tensor on the engine's device; returned as is when it already is one."""
+        if type(x) is torch.Tensor and x.dtype is torch.int64 and x.dim() == 1 and x.device == self._fast_dev:
+            return x
+        t = _as_long_1d(x, name, device=self.device)
+        self._fast_dev = t.device  # e.g. cuda:0 for an engine made with "cuda"
+        return t
+
     def update(self, preds, targets, logits: torch.Tensor | None = None) -> None:
         """Add one batch: ``preds`` [B] class ids (or ``None`` to take ``logits.argmax(1)``),
         ``targets`` [B] labels (-1 = ignore), optional ``logits`` [B, K] for top-k. No host sync."""
-        dev = self.device
         if preds is None:
             if logits is None:
                 raise ValueError("update needs preds or logits")
             preds = logits.argmax(dim=1)
-        p = _as_long_1d(preds, "preds", device=dev)
-        y = _as_long_1d(targets, "targets", device=dev)
+        p = self._ids(preds, "preds")
+        y = self._ids(targets, "targets")
         if p.shape != y.shape:
             raise ValueError(f"preds and targets differ in length: {p.numel()} vs {y.numel()}")
-        b = y.numel()
+        b = y.shape[0]
         k = self.num_classes
-
-        idx = flat_confusion_index(y, p, k)
-        self._buf.scatter_add_(0, idx, torch.ones_like(idx))  # the one integer scatter-add
-
-        valid = (y >= 0) & (y < k)
+        z = None
         if logits is not None:
-            z = logits.to(dev)
+            z = logits if logits.device == self._fast_dev else logits.to(self.device)
             if z.dim() != 2 or z.shape[0] != b or (self._nk and z.shape[1] != k):
                 raise ValueError(f"logits must be [B, K] = [{b}, {k}], got {tuple(z.shape)}")
-            if z.dtype in (torch.float16, torch.bfloat16):
-                z = z.float()  # float32/float64 logits keep their dtype
-            # rows with a valid label whose logits are unusable (NaN, +inf, all -inf): counted, no sync
-            bad = _nonfinite_rows_t(z) & valid
-            self._aux[self._nk + 2 :] += torch.stack([bad.sum(), valid.sum()])
-            if self._nk:
-                self._aux[: self._nk] += _topk_hits_t(z, y, self._ks)
-        elif self._nk:
-            self._aux[self._nk] += 1
-
-        if self.chunk_size is not None and b:
-            self._ensure_chunks(self._offset + b)
-            v = valid.long()
-            csum = torch.cumsum(v, dim=0)
-            n_before = self._aux[self._nk + 1]
-            pos = n_before + csum - 1  # index of each valid sample among all valid samples
-            chunk = torch.where(valid, torch.div(pos, self.chunk_size, rounding_mode="floor"), 0)
-            self._chunk.scatter_add_(0, chunk, (valid & (p == y)).long())
-            self._aux[self._nk + 1] += csum[-1]
-        elif b:
-            self._aux[self._nk + 1] += valid.sum()
-        self._offset += b
+        elif self._nk and not self._no_logits:
+            self._hist[-1:].fill_(1)  # top-k undefined from now on
+            self._no_logits = True
         self._reduced = False
+        if not b:
+            return
 
-    def _ensure_chunks(self, n_upper: int) -> None:
-        need = -(-n_upper // self.chunk_size)
-        if need > self._chunk.numel():
-            grown = torch.zeros(max(need, 2 * self._chunk.numel()), dtype=torch.int64, device=self.device)
-            grown[: self._chunk.numel()] = self._chunk
-            self._chunk = grown
+        yc = torch.clamp(y, -1, k)
+        j = torch.add(torch.clamp(p, -1, k), yc, alpha=k + 2)
+        if self.chunk_size is not None:
+            if self._seg_n + b > self._seg.numel():
+                self._make_room(b)
+            if self._offset + b > _MAX_SAMPLES:
+                raise ValueError(f"acc_batch_mean supports at most 2**30 samples per evaluation, got "
+                                 f"{self._offset + b}; use chunk_size=None for longer streams")
+            o = self._seg_n
+            idx = self._seg_views.get((o, b))
+            if idx is None:  # batch sizes repeat, so the views do: no slice op per call
+                if len(self._seg_views) > 256:
+                    self._seg_views.clear()
+                idx = self._seg_views[(o, b)] = self._seg[o : o + b]
+            torch.add(j, k + 3, out=idx)  # the flat index, kept for acc_batch_mean
+            self._seg_n = o + b
+        else:
+            idx = j.add_(k + 3)
+        if b > self._ones.numel():
+            self._ones = torch.ones(max(b, 2 * self._ones.numel()), dtype=torch.int64, device=self.device)
+        self._buf.scatter_add_(0, idx, self._ones)  # the one integer scatter-add (src may be longer)
+        if z is not None:
+            self._count_logits(z, yc)
+        self._offset += b
+
+    def _count_logits(self, z: torch.Tensor, yc: torch.Tensor) -> None:
+        """One scatter-add into ``hist`` at (row state, rank of the true class); see the module docstring.
+
+        The rank follows spec §2.2 (``#{c: z_c > z_y} + #{c < y: z_c == z_y}``, ties to the lower id)
+        in one comparison pass: ``z_c >= t_c`` with ``t_c = z_y`` left of the label and the next float
+        above ``z_y`` from the label on (exact; ``-inf`` labels included, NaN/+inf rows are bad anyway).
+        """
+        r = self._rr
+        if z.dtype in (torch.float16, torch.bfloat16):
+            z = z.float()  # float32/float64 logits keep their dtype
+        if z.shape[1]:
+            usable = torch.isfinite(z.amax(dim=1))  # NaN, +inf and "all -inf" all give a non-finite max
+        else:
+            usable = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)  # no finite class score
+        code = torch.take(self._state, yc)
+        if self._nk:
+            yg = torch.clamp(yc, 0, self.num_classes - 1)
+            zy = z.gather(1, yg.unsqueeze(1))
+            thr = torch.where(self._left_of(yg), zy, torch.nextafter(zy, self._posinf(z.dtype)))
+            code = torch.add(code, (z >= thr).sum(dim=1, dtype=torch.int32))  # int32 counts: a cheaper reduction
+        code = torch.add(code, usable, alpha=-2 * r)
+        self._hist.scatter_add_(0, code, self._ones)
+
+    def _left_of(self, yg: torch.Tensor) -> torch.Tensor:
+        """Bool [B, K]: column c < label; rows of a cached triangle while it is small (a copy, no compare)."""
+        k = self.num_classes
+        if k > _TRIANGLE_MAX:
+            return self._cls < yg.unsqueeze(1)
+        if self._tri is None:
+            self._tri = self._cls < self._cls.reshape(k, 1)
+        return self._tri.index_select(0, yg)
+
+    def _posinf(self, dtype: torch.dtype) -> torch.Tensor:
+        t = self._inf.get(dtype)
+        if t is None:
+            t = self._inf[dtype] = torch.full((), math.inf, dtype=dtype, device=self.device)
+        return t
+
+    def _make_room(self, b: int) -> None:
+        """Fold the pending segment into the chunk counts; widen the segment for a batch longer than it."""
+        self._fold()
+        if b > self._seg.numel():
+            self._seg = torch.empty(b, dtype=torch.int64, device=self.device)
+            self._seg_views.clear()
+            self._fold_tmp = None
+            self._arange = torch.arange(b // self.chunk_size + 2, device=self.device)
+
+    def _fold(self) -> None:
+        """Add the segment's samples to ``ends``: per chunk, the running correct count at its last sample.
+
+        A cumulative sum of the packed (valid, correct) flags, offset by the carry of all earlier
+        samples, is monotone in the valid count, so ``searchsorted`` finds the sample that closes each
+        chunk. Chunks still open get the running count so far and are overwritten by the segment that
+        closes them; ``hits[j] = ends[j] - ends[j-1]``.
+        """
+        m, c = self._seg_n, self.chunk_size
+        if not m:
+            return
+        need = self._offset // c + 2  # host bound on the chunks touched so far
+        if need > self._ends.numel():
+            grown = torch.zeros(max(need, 2 * self._ends.numel()), dtype=torch.int64, device=self.device)
+            grown[: self._ends.numel()] = self._ends
+            self._ends = grown
+        if self._host_fold:  # CPU: numpy on the same memory, the carry is a host int
+            ends = self._ends.numpy()
+            run = self._host_run(self._seg[:m].numpy())
+            carry = self._carry
+            j = np.arange((carry >> 30) // c, ((carry + int(run[-1])) >> 30) // c + 1)
+            e = np.searchsorted(run, (j + 1) * (c * _PACK) - carry)
+            ends[j] = (run[np.minimum(e, m - 1)] + carry) & (_PACK - 1)
+            self._carry = carry + int(run[-1])
+        else:  # device: the same steps with a device carry, no host sync
+            run = torch.cumsum(torch.take(self._pack_table(), self._seg[:m]), 0, dtype=torch.int64)
+            carry = self._carry
+            j = self._arange[: m // c + 2] + torch.div(carry >> 30, c, rounding_mode="floor")
+            e = torch.searchsorted(run, (j + 1) * (c * _PACK) - carry).clamp_(max=m - 1)
+            self._ends.scatter_(0, j, (torch.take(run, e) + carry) & (_PACK - 1))
+            self._carry = carry + run[-1]
+        self._seg_n = 0
+
+    def _pack_table(self) -> torch.Tensor:
+        """int32 [(K+2)²]: flat index -> valid·2³⁰ + correct (built on first use)."""
+        if self._packtab is None:
+            k = self.num_classes
+            r = torch.arange(k + 2, device=self.device)
+            valid = ((r >= 1) & (r <= k)).unsqueeze(1)
+            self._packtab = (valid.int() * _PACK + (valid & (r.unsqueeze(1) == r)).int()).flatten()
+        return self._packtab
+
+    def _host_run(self, seg: np.ndarray) -> np.ndarray:
+        """Running packed (valid, correct) counts of one CPU segment, into preallocated arrays.
+
+        A table lookup while the table fits in L2; for a larger K, where the lookups would miss the
+        cache next to the K² count buffer, the same flags by arithmetic on the flat index.
+        """
+        m, k = seg.size, self.num_classes
+        cap = self._seg.numel()
+        if self._fold_tmp is None or self._fold_tmp["run"].size < m:  # allocated once: no page faults per fold
+            self._fold_tmp = {"run": np.empty(cap, np.int64), "a": np.empty(cap, np.int64),
+                              "t32": np.empty(cap, np.int32), "v": np.empty(cap, bool), "c": np.empty(cap, bool)}
+        t = {name: arr[:m] for name, arr in self._fold_tmp.items()}
+        if (k + 2) ** 2 <= _SMALL_TABLE:
+            return np.cumsum(np.take(self._pack_table().numpy(), seg, out=t["t32"]), dtype=np.int64, out=t["run"])
+        a = np.subtract(seg, k + 2, out=t["a"])  # valid rows 1…K: 0 <= a < K(K+2)
+        v = np.less(a.view(np.uint64), k * (k + 2), out=t["v"])
+        c = np.equal(np.remainder(a, k + 3, out=t["run"]), 1, out=t["c"])  # the diagonal: a ≡ 1 (mod K+3)
+        np.logical_and(c, v, out=c)
+        w = np.multiply(v, _PACK, out=a)
+        np.add(w, c, out=w)
+        return np.cumsum(w, out=t["run"])
 
     # -- distributed -------------------------------------------------------------------------------
 
@@ -215,9 +372,9 @@ class MetricsEngine:
         return self.all_reduce_()
 
     def all_reduce_(self) -> MetricsEngine:
-        """``all_reduce(SUM)`` the confusion buffer and the top-k/sample counters across ranks.
+        """``all_reduce(SUM)`` the confusion buffer and the rank histogram across ranks.
 
-        No-op unless ``torch.distributed`` is available and initialised. The batch-mean chunks are
+        No-op unless ``torch.distributed`` is available and initialised. The per-sample stream is
         not reduced: each rank sees its own sample order, so ``acc_batch_mean`` (a single-process
         compat metric) becomes NaN when the world size is > 1.
         """
@@ -226,7 +383,7 @@ class MetricsEngine:
         if not (dist.is_available() and dist.is_initialized()) or self._reduced:
             return self
         dist.all_reduce(self._buf, op=dist.ReduceOp.SUM)
-        dist.all_reduce(self._aux, op=dist.ReduceOp.SUM)
+        dist.all_reduce(self._hist, op=dist.ReduceOp.SUM)
         if dist.get_world_size() > 1:
             self._batch_mean_ok = False
         self._reduced = True
@@ -236,8 +393,24 @@ class MetricsEngine:
 
     @property
     def _cmx(self) -> torch.Tensor:
+        """The ``[K, K+1]`` count view of ``buf`` (rows = true class, last column = outside predictions)."""
         k = self.num_classes
-        return self._buf[: k * (k + 1)].view(k, k + 1)
+        rows = self._buf.view(k + 2, k + 2)[1 : k + 1]
+        rows[:, k + 1] += rows[:, 0]  # predictions < 0 join those > K-1 (O(K), at read time only)
+        rows[:, 0] = 0
+        return rows[:, 1:]
+
+    def _logit_counts_t(self) -> torch.Tensor:
+        """int64 [nk + 2] on the device: top-k hits per k, rows with unusable logits, rows checked."""
+        h = self._hist[:-1].view(4, self._rr)
+        cum = (h[0] + h[2]).cumsum(0)  # valid rows by rank (unusable rows count as checked)
+        return torch.cat([cum[self._ks_idx], h[2].sum().reshape(1), cum[-1:]])
+
+    @property
+    def _aux(self) -> torch.Tensor:
+        """``[top-k hits…, a batch had no logits (0/1), bad logit rows, checked rows]`` (int64, device)."""
+        c = self._logit_counts_t()
+        return torch.cat([c[: self._nk], self._hist[-1:], c[self._nk :]])
 
     def metric_names(self) -> list[str]:
         """The keys of :meth:`compute`, in order."""
@@ -253,24 +426,27 @@ class MetricsEngine:
         """Every metric as a Python float (fractions; NaN where undefined), one host transfer."""
         cmx = self._cmx
         f64 = torch.float64
-        n = cmx.sum().to(f64)
-        vals = [_accuracy_t(cmx), _balanced_t(cmx)]
+        support = _support_t(cmx)  # the one pass over the K×(K+1) counts
+        diag = _diag_t(cmx)
+        n = support.sum()
+        per_class = diag / support
+        present = (support > 0).to(f64)
+        vals = [diag.sum() / n, _masked_mean_t(per_class, present)]
+        counts = self._logit_counts_t()
         if self._nk:
-            missing = self._aux[self._nk] > 0
-            top = self._aux[: self._nk].to(f64) / n
-            vals += list(torch.where(missing, torch.full_like(top, math.nan), top).unbind())
+            top = counts[: self._nk].to(f64) / n
+            vals += list(torch.where(self._hist[-1] > 0, torch.full_like(top, math.nan), top).unbind())
         if self.chunk_size is not None:
             nan = torch.full((), math.nan, dtype=f64, device=self.device)
             vals.append(self._batch_mean_t() if self._batch_mean_ok else nan)
         if self.groups:
-            support = (_support_t(cmx) > 0).to(f64)
-            gvals = _masked_mean_t(_per_class_t(cmx).unsqueeze(0), self._gmask * support.unsqueeze(0))
+            gvals = _masked_mean_t(per_class.unsqueeze(0), self._gmask * present.unsqueeze(0))
             vals += list(gvals.unbind())
             if self._has_hm:
                 names = list(self.groups)
                 vals.append(_harmonic_t(gvals[names.index("base")], gvals[names.index("novel")]))
         vals.append(n)
-        vals += list(self._nonfinite_t().unbind())
+        vals += list(counts[self._nk :].unbind())
         host = torch.stack([v.to(device=self.device, dtype=f64) for v in vals]).cpu().tolist()
         self._raise_nonfinite(host.pop(-2), host.pop())
         self.num_samples = int(host.pop())
@@ -279,7 +455,7 @@ class MetricsEngine:
     def _nonfinite_t(self) -> torch.Tensor:
         """int64 [2] on the device: (rows with unusable logits, rows checked). Append it to the values
         of the one host transfer and pass the two numbers to :meth:`_raise_nonfinite`."""
-        return self._aux[self._nk + 2 : self._nk + 4]
+        return self._logit_counts_t()[self._nk :]
 
     @staticmethod
     def _raise_nonfinite(bad: float, checked: float) -> None:
@@ -287,13 +463,19 @@ class MetricsEngine:
             raise NonFiniteError("logits", int(bad), int(checked), LOGITS_DETAIL)
 
     def _batch_mean_t(self) -> torch.Tensor:
-        n = self._aux[self._nk + 1]
-        c = self.chunk_size
-        start = torch.arange(self._chunk.numel(), device=self.device, dtype=torch.int64) * c
-        size = (n - start).clamp(min=0, max=c)
+        """``acc_batch_mean`` from the chunk ends (0-d float64; NaN without a valid sample)."""
+        f64 = torch.float64
+        self._fold()
+        c, dev = self.chunk_size, self.device
+        nch = -(-self._offset // c)
+        if not nch:
+            return torch.full((), math.nan, dtype=f64, device=dev)
+        carry = torch.as_tensor(self._carry, dtype=torch.int64, device=dev)
+        hits = torch.diff(self._ends[:nch], prepend=self._ends.new_zeros(1))
+        size = ((carry >> 30) - torch.arange(nch, device=dev, dtype=torch.int64) * c).clamp(min=0, max=c)
         used = size > 0
-        ratio = self._chunk.to(torch.float64) / size.clamp(min=1).to(torch.float64)
-        return torch.where(used, ratio, torch.zeros_like(ratio)).sum() / used.sum().to(torch.float64)
+        ratio = hits.to(f64) / size.clamp(min=1).to(f64)
+        return torch.where(used, ratio, torch.zeros_like(ratio)).sum() / used.sum().to(f64)
 
     def confusion(self) -> torch.Tensor:
         """The confusion matrix ``cm`` [K, K] (int64, CPU; rows = true class)."""
@@ -318,8 +500,11 @@ class MetricsEngine:
     def reset(self) -> None:
         """Zero every count (the non-finite row counters included); ready for the next evaluation."""
         self._buf.zero_()
-        self._aux.zero_()
-        self._chunk.zero_()
+        self._hist.zero_()
+        self._ends.zero_()
+        self._seg_n = 0
+        self._carry = 0 if self._host_fold else torch.zeros((), dtype=torch.int64, device=self.device)
+        self._no_logits = False
         self._offset = 0
         self._batch_mean_ok = True
         self._reduced = False
