@@ -26,6 +26,7 @@ eval set declares its open-set layout — ``EvalSet(task="open_set", options={..
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from fractions import Fraction
@@ -69,6 +70,31 @@ __all__ = [
 
 F64 = torch.float64
 NAN = math.nan
+
+CPU_THREADS: int | None = 1
+"""Intra-op threads for the metric computations on CPU tensors (``None``: torch's own setting).
+
+They are ~100 short memory-bound kernels over the score buffer (a few ms each at 10⁶ rows): extra
+threads gain little on them, and on a shared or oversubscribed CPU every parallel kernel waits for
+its second thread to be scheduled (measured on 2 shared cores: ~12 ms per kernel with 2 threads,
+~0.5 ms with 1). The previous setting is restored on exit; CUDA tensors are not affected."""
+
+
+def _cpu_threads(fn):
+    """Run ``fn`` with at most :data:`CPU_THREADS` intra-op threads (restored afterwards)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        want, old = CPU_THREADS, torch.get_num_threads()
+        if want is None or old <= want:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(want)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(old)
+
+    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,54 +154,11 @@ def _tree_sum_t(x: Tensor) -> Tensor:
     return x[0]
 
 
-class _Sorted:
-    """``v`` sorted once, ascending and stable, with its tie groups.
-
-    ``is_end[i]``: sorted position i ends a tie group (``v[i] != v[i+1]``; the last position always
-    does); ``start[i]``/``end[i]``: first/last position of the group holding position i. Every curve
-    of §8 is read off this one sort: a curve ranking by **descending** v takes its points at the group
-    ends in reverse order, with counts ``total − cumsum[start−1]``; one ranking by ascending v (i.e.
-    descending s) uses ``cumsum[end]`` directly.
-
-    With ``valid`` (rows with an ignored label are False), a second stable sort moves the ignored
-    rows behind every valid one, and a validity change also ends a tie group. The valid rows then
-    hold positions ``0…n_valid−1`` in the order (and with the tie groups) of a sort of the valid rows
-    alone, with no boolean selection; ``vmask`` is the validity per sorted position and ``nv`` the
-    number of valid rows (a device scalar).
-    """
-
-    def __init__(self, v: Tensor, valid: Tensor | None = None):
-        n = v.numel()
-        dev = v.device
-        if valid is None:
-            vs, self.order = torch.sort(v, stable=True)
-            self.vmask = torch.ones(n, dtype=torch.bool, device=dev)
-            self.nv = torch.full((), n, dtype=torch.long, device=dev)
-        else:
-            o = torch.sort(v, stable=True).indices
-            self.order = o[torch.sort((~valid[o]).to(torch.uint8), stable=True).indices]
-            vs = v[self.order]
-            self.vmask = valid[self.order]
-            self.nv = valid.sum()
-        self.n = n
-        self.pos = torch.arange(n, device=dev)
-        self.is_end = torch.ones(n, dtype=torch.bool, device=dev)
-        if n > 1:
-            self.is_end[:-1] = (vs[:-1] != vs[1:]) | (self.vmask[:-1] != self.vmask[1:])
-        is_start = torch.ones_like(self.is_end)
-        if n > 1:
-            is_start[1:] = self.is_end[:-1]
-        self.start = torch.cummax(torch.where(is_start, self.pos, torch.zeros_like(self.pos)), 0).values
-        flipped = torch.flip(torch.where(self.is_end, self.pos, torch.full_like(self.pos, n)), (0,))
-        self.end = torch.flip(torch.cummin(flipped, 0).values, (0,))
-
-    def cum(self, mask: Tensor) -> Tensor:
-        """int64 cumulative count of ``mask`` (original order) along the ascending sort."""
-        return torch.cumsum(mask[self.order].long(), 0)
-
-    def before(self, c: Tensor, idx: Tensor) -> Tensor:
-        """``c[idx − 1]``, and 0 where idx = 0 (the count strictly below a group starting at idx)."""
-        return torch.where(idx > 0, c[(idx - 1).clamp(min=0)], torch.zeros_like(c))
+def _tree_sum_rows(x: Tensor) -> Tensor:
+    """:func:`_tree_sum_t` of every row of an ``[m, 2^k]`` tensor at once (the same adds per row)."""
+    while x.shape[1] > 1:
+        x = x[:, 0::2] + x[:, 1::2]
+    return x[:, 0]
 
 
 def _at(x: Tensor, i: Tensor) -> Tensor:
@@ -183,109 +166,215 @@ def _at(x: Tensor, i: Tensor) -> Tensor:
     return x.gather(0, i.reshape(1).to(torch.long)).reshape(())
 
 
-def _auroc_t(srt: _Sorted, pos: Tensor, neg: Tensor) -> Tensor:
-    """Integer rank form: 2·Σ_{x∈P} r_x = Σ_{x∈P} (start+1 + end+1) in ascending v; ties count ½."""
-    p = pos[srt.order].long()
-    n_p = p.sum()
-    n_n = neg.sum()
-    num = ((p * (srt.start + srt.end + 2)).sum() - n_p * (n_p + 1)).to(F64)
-    den = (2 * n_p * n_n).to(F64)
-    return torch.where(den > 0, num / den.clamp(min=1), torch.full_like(num, NAN))
+class _Curves:
+    """Every curve of §8 read off **one** stable ascending sort of ``v`` and one cumulative count.
+
+    Rows with ``valid`` False get the key +inf, so the stable sort puts them behind every (finite)
+    valid row, and position ``nv − 1`` (the last valid one) always ends a tie group: the valid rows
+    hold positions ``0…nv−1`` in the order and with the tie groups of a sort of the valid rows alone,
+    without a boolean selection. Ties keep the input order (the ARPL OSCR depends on it).
+
+    Counts are float64 holding exact integers (< 2^53), so they feed the float metrics without casts,
+    and rows ``K, U, C`` (known, unknown, correct known) share each op on one ``[3, n]`` tensor:
+    ``cum`` = the count at positions ≤ i, ``prev`` = the count strictly before i's tie group (the
+    previous curve point), ``ce`` = ``cum`` at a group end and ``prev`` elsewhere, so differences
+    ``ce − prev`` vanish off the group ends and no per-metric mask is needed. A curve ranking by
+    descending v reads ``total − prev`` / ``total − ce``, one ranking by ascending v ``ce`` / ``prev``.
+    """
+
+    K, U, C = 0, 1, 2
+
+    def __init__(self, v: Tensor, unknown: Tensor, known: Tensor, correct: Tensor | None = None,
+                 valid: Tensor | None = None):
+        n = v.numel()
+        dev = v.device
+        self.n = n
+        if valid is None:
+            vs, order = torch.sort(v, stable=True)
+            self.nv = torch.full((), n, dtype=torch.long, device=dev)
+        else:
+            vs, order = torch.sort(torch.where(valid, v, torch.full_like(v, math.inf)), stable=True)
+            self.nv = valid.sum()
+        is_end = torch.empty(n, dtype=torch.bool, device=dev)
+        torch.ne(vs[:-1], vs[1:], out=is_end[:-1])
+        is_end[-1] = True
+        if valid is not None:  # the validity change ends a group too
+            is_end.scatter_(0, (self.nv - 1).clamp(min=0).reshape(1), True)
+        self.is_end = is_end
+        correct = torch.zeros_like(known) if correct is None else correct
+        self.flags = torch.stack([known, unknown, correct]).gather(1, order.expand(3, n))  # sorted, [3, n] bool
+        self.cum = cum = torch.cumsum(self.flags, 1, dtype=F64)
+        # prev[i] = cum at the last group end before i: a running max (each row is nondecreasing) of the
+        # group-end counts, shifted by one position
+        ends = torch.empty_like(cum)
+        ends[:, 0] = 0
+        torch.where(is_end[:-1], cum[:, :-1], cum.new_zeros(()), out=ends[:, 1:])
+        self.prev = torch.cummax(ends, 1).values
+        self.ce = torch.where(is_end, cum, self.prev, out=ends)  # (reuses the buffer)
+        self.tot = self.cum[:, -1]  # n_k, n_u, n_c
+        self.n_k, self.n_u = self.tot[0], self.tot[1]
+
+    def auroc(self) -> Tensor:
+        """Integer rank form (§8.3): 2·Σ_{x∈𝒰} r_x − n_u(n_u+1) = Σ_groups u_g·(pk + ck); ties count ½."""
+        d_u, k2 = self.ce[1] - self.prev[1], self.prev[0] + self.ce[0]
+        if self.n <= 1 << 26:  # every partial sum is an integer < 2^53: exact in float64
+            num = (d_u * k2).sum()
+        else:
+            num = (d_u.long() * k2.long()).sum().to(F64)
+        den = (2 * self.n_u.long() * self.n_k.long()).to(F64)
+        return torch.where(den > 0, num / den.clamp(min=1), torch.full_like(num, NAN))
+
+    def fpr_unknown_pos(self, num: int, den: int, drop: bool = False) -> Tensor:
+        """P = unknown ranked by descending v: FP_{k*}/n_k, k* = the first curve point with den·TP ≥ num·n_u.
+
+        TP = n_u − prev_U at a group end, so the test is prev_U ≤ thr = n_u − ⌈num·n_u/den⌉; prev_U is
+        nondecreasing and constant inside a group, so the last position passing it is a group end and
+        one binary search finds it."""
+        n_u, n_k = self.n_u, self.n_k
+        nu = n_u.long()
+        thr = (nu - (num * nu + den - 1) // den).to(F64)
+        if not drop:
+            k = torch.searchsorted(self.prev[1], thr.reshape(1), right=True).reshape(()) - 1
+        else:  # sklearn roc_curve(drop_intermediate=True): drop interior points with zero second difference
+            pos = torch.arange(self.n, device=thr.device)
+            tp, fp = n_u - self.prev[1], n_k - self.prev[0]
+            prev_tp, prev_fp = n_u - self.ce[1], n_k - self.ce[0]
+            start = self.prev[0] + self.prev[1]
+            lower = (start - 1).clamp(min=0).long()  # the next curve point is the group below (ascending order)
+            next_tp, next_fp = tp.gather(0, lower), fp.gather(0, lower)
+            d2_tp = (next_tp - tp) - (tp - prev_tp)
+            d2_fp = (next_fp - fp) - (fp - prev_fp)
+            cond = self.is_end & (pos < self.nv) & (self.prev[1] <= thr)
+            cond = cond & ((pos == self.nv - 1) | (start == 0) | (d2_tp != 0) | (d2_fp != 0))
+            k = torch.where(cond, pos, -1).max()  # curve order = descending position
+        val = (n_k - _at(self.prev[0], k.clamp(min=0))) / n_k.clamp(min=1)
+        return torch.where((n_u > 0) & (n_k > 0), val, torch.full_like(val, NAN))
+
+    def fpr_known_pos(self, num: int, den: int) -> Tensor:
+        """P = known ranked by ascending v: FP_{k*}/n_u, k* = the first group end with den·ce_K ≥ num·n_k
+        (``ce_K`` is nondecreasing and first reaches ⌈num·n_k/den⌉ ≥ 1 at a group end: one binary search)."""
+        n_u, n_k = self.n_u, self.n_k
+        nk = n_k.long()
+        thr = ((num * nk + den - 1) // den).to(F64)
+        k = torch.searchsorted(self.ce[0], thr.reshape(1)).reshape(()).clamp(max=self.n - 1)
+        val = _at(self.ce[1], k) / n_u.clamp(min=1)
+        return torch.where((n_u > 0) & (n_k > 0), val, torch.full_like(val, NAN))
+
+    def pr_terms(self, trap: Tensor, ap: Tensor) -> None:
+        """Per-position terms of the PR curves (start (R=0, P=1)), row 0 AUPR-In (known = positive, ascending
+        v), row 1 AUPR-Out (unknown = positive, descending v): trapezoids into ``trap``, AP terms into ``ap``."""
+        ce, prev = self.ce, self.prev
+        n_k, n_u = self.n_k, self.n_u
+        tot = n_k + n_u
+        # in-place ops on a few buffers: fresh multi-MB outputs cost a page fault per 4 KiB on CPU
+        tp_fp, prev_n, tp, prev_tp = torch.empty((4, 2, self.n), dtype=F64, device=ce.device).unbind(0)
+        torch.add(ce[0], ce[1], out=tp_fp[0])  # In: TP + FP at the point
+        torch.add(prev[0], prev[1], out=prev_n[0])  # In: at the previous point
+        torch.sub(tot, prev_n[0], out=tp_fp[1])  # Out (descending v): the complements
+        torch.sub(tot, tp_fp[0], out=prev_n[1])
+        tp[0].copy_(ce[0])
+        torch.sub(n_u, prev[1], out=tp[1])
+        prev_tp[0].copy_(prev[0])
+        torch.sub(n_u, ce[1], out=prev_tp[1])
+        dr = (ce[:2] - prev[:2]).div_(self.tot[:2].clamp(min=1).reshape(2, 1))  # (tp − prev_tp)/n_p; 0 off ends
+        prec = tp.div_(tp_fp.clamp_(min=1))
+        start = prev_n <= 0  # the first point: its predecessor is (R=0, P=1)
+        prev_prec = prev_tp.div_(prev_n.clamp_(min=1)).masked_fill_(start, 1.0)
+        torch.div(prev_prec.add_(prec).mul_(dr), 2, out=trap)  # dr·(prec + prev_prec)/2
+        torch.mul(dr, prec, out=ap)
+
+    def oscr_terms(self, out: Tensor) -> None:
+        """Trapezoids of CCR vs FPR over θ = the distinct s = −v in descending order (ascending v)."""
+        f = torch.stack([self.n_u, self.n_k]).clamp(min=1).reshape(2, 1)
+        hi, lo = self.ce[1:] / f, self.prev[1:] / f  # (FPR, CCR) at the point and the previous one
+        torch.div((hi[0] - lo[0]) * (hi[1] + lo[1]), 2, out=out)
+
+    def oscr_arpl_terms(self, out: Tensor) -> None:
+        """The ARPL-lineage OSCR's trapezoids, laid out as that code sums them, into ``out`` (length ≥ n + 1).
+
+        That code sorts by s ascending with tied knowns first (input order inside each kind), takes for
+        k = 0…nv−2 the point (FP_k, CC_k) = (#unknowns at ≥ k, #correct knowns at > k), adds (0,0) and
+        (1,1) and sums trapezoids over the points in descending (FPR, CCR) order. Both coordinates are
+        nonincreasing in k, so that order is (1,1), the points by k, then (0,0): no second sort, and the
+        trapezoid of summed position j = nv − i belongs to ascending position i = nv−1−k of a "virtual"
+        layout that puts, inside each tie group, the unknowns first. A trapezoid is nonzero only after an
+        unknown; there FP = i + 1 − prev_K and CC = prev_C, and the next point's CC is prev_C less, at a
+        group start, whether the first (lowest input index) known of the group below is correct. The last
+        trapezoid (i = 1) is closed by the (0,0) point."""
+        n, dev = self.n, self.is_end.device
+        cum, prev = self.cum, self.prev
+        fu, fk = self.n_u.clamp(min=1), self.n_k.clamp(min=1)
+        pk, pc = prev[0], prev[2]
+        fp = torch.arange(1, n + 1, dtype=F64, device=dev).sub_(pk)  # FP at virtual position i if i is an unknown
+        fp1 = fp - 1  # and at i − 1
+        ends_u = torch.where(self.is_end, cum[1], math.inf).flip(0)
+        cu_end = torch.cummin(ends_u, 0).values.flip(0)  # unknowns up to the group end
+        unknown_here = fp1 < cu_end  # virtual position i is one of its group's unknowns
+        cu_end_1 = cu_end[1].clone() if n >= 2 else None
+        del ends_u, cu_end
+        first_ok = self.flags[2] & (cum[0] - pk == 1)  # the group's first known (stable order) is correct
+        last = torch.cummax(torch.cumsum(first_ok, 0, dtype=F64).mul_(self.is_end), 0).values
+        t = torch.empty(n + 1, dtype=F64, device=dev)  # t[n] = 0: the summed position j = 0
+        t[:2] = 0
+        t[n] = 0
+        if n > 2:
+            # at a group start i, last[i−1] − last[i−2] = the flag of the group below; 0 inside a group
+            cc_next = last[1:-1] - last[:-2]
+            torch.sub(pc[2:], cc_next, out=cc_next)
+            term = t[2:n]  # (FP_i/n_u − FP_{i−1}/n_u)·(CC_i/n_k + CC_next/n_k)/2, in place
+            torch.div(fp[2:], fu, out=term).sub_(fp1[2:].div_(fu))
+            term.mul_((pc[2:] / fk).add_(cc_next.div_(fk))).div_(2)
+            term.mul_(unknown_here[2:])  # terms are finite and ≥ 0: ·0 gives +0
+        if n >= 2:  # i = 1 against the appended (0,0); CC there counts virtual position 0
+            e0 = torch.argmax(self.is_end.to(torch.uint8))  # end of group 0
+            u0 = _at(cum[1], e0)  # unknowns in group 0
+            pu1 = prev[1][1]
+            fpv1 = pu1 + torch.minimum(2 - pu1 - pk[1], cu_end_1 - pu1)  # pu + min(offset + 1, group's unknowns)
+            lone = (e0 >= 1) & (u0 == 0)  # group 0 holds only knowns: the highest input index is virtual 0
+            cc1 = pc[1] + (lone & _at(self.flags[2], e0)).to(F64)
+            t[1] = (fpv1 / fu) * (cc1 / fk) / 2
+        # summed position j holds i = nv − j; t is 0 at i = 0, at i ≥ nv (ignored rows: fp1 ≥ n_u = cu_end there)
+        # and at i = n, so j = 0 and j ≥ nv need no mask
+        j = torch.arange(out.shape[0], device=dev)
+        torch.gather(t, 0, (self.nv - j).clamp(min=0), out=out)
 
 
-def _points(srt: _Sorted, pos: Tensor, neg: Tensor, descending: bool):
-    """Per sorted position (meaningful at group ends): ``(tp, fp, prev_tp, prev_fp, n_p, n_n)`` of the
-    curve ranking ``pos`` against ``neg`` by descending v (``descending=True``) or ascending v;
-    ``prev_*`` is the previous curve point (the next-higher threshold; (0, 0) before the first)."""
-    cp, cn = srt.cum(pos), srt.cum(neg)
-    n_p, n_n = cp[-1], cn[-1]
-    if descending:
-        tp, fp = n_p - srt.before(cp, srt.start), n_n - srt.before(cn, srt.start)
-        prev_tp, prev_fp = n_p - cp[srt.end], n_n - cn[srt.end]
-    else:
-        tp, fp = cp[srt.end], cn[srt.end]
-        prev_tp, prev_fp = srt.before(cp, srt.start), srt.before(cn, srt.start)
-    return tp, fp, prev_tp, prev_fp, n_p, n_n
-
-
-def _fpr_at_tpr_t(srt: _Sorted, pos: Tensor, neg: Tensor, num: int, den: int, descending: bool = True,
-                  drop: bool = False) -> Tensor:
-    """FP_{k*}/n_N, k* = the first curve point with den·TP ≥ num·n_P (integer test)."""
-    tp, fp, prev_tp, prev_fp, n_p, n_n = _points(srt, pos, neg, descending)
-    keep = srt.is_end & srt.vmask
-    if drop:  # sklearn roc_curve(drop_intermediate=True): drop interior points with zero second difference
-        if not descending:
-            raise ValueError("curve 'sklearn_drop' is defined for the unknown-positive curve only")
-        lower = (srt.start - 1).clamp(min=0)  # the next curve point is the group below (ascending order)
-        next_tp, next_fp = tp[lower], fp[lower]
-        first, last = srt.end == srt.nv - 1, srt.start == 0
-        d2_tp = (next_tp - tp) - (tp - prev_tp)
-        d2_fp = (next_fp - fp) - (fp - prev_fp)
-        keep = keep & (first | last | (d2_tp != 0) | (d2_fp != 0))
-    cond = keep & (den * tp >= num * n_p)
-    if descending:  # curve order = descending sorted position: the first point is the largest index
-        k = torch.where(cond, srt.pos, torch.full_like(srt.pos, -1)).max().clamp(min=0)
-    else:
-        k = torch.argmax(cond.to(torch.int8))
-    val = _at(fp, k).to(F64) / n_n.clamp(min=1).to(F64)
-    return torch.where((n_p > 0) & (n_n > 0), val, torch.full_like(val, NAN))
-
-
-def _aupr_t(srt: _Sorted, pos: Tensor, neg: Tensor, descending: bool) -> tuple[Tensor, Tensor]:
-    """(trapezoid AUPR, average precision); the curve starts at (R=0, P=1)."""
-    tp, fp, prev_tp, prev_fp, n_p, _ = _points(srt, pos, neg, descending)
-    npf = n_p.clamp(min=1).to(F64)
-    prec = tp.to(F64) / (tp + fp).clamp(min=1).to(F64)
-    prev_n = prev_tp + prev_fp
-    prev_prec = torch.where(prev_n > 0, prev_tp.to(F64) / prev_n.clamp(min=1).to(F64), torch.ones_like(prec))
-    dr = torch.where(srt.is_end & srt.vmask, (tp - prev_tp).to(F64) / npf, torch.zeros_like(prec))
-    trap = _tree_sum_t(dr * (prec + prev_prec) / 2)
-    ap = _tree_sum_t(dr * prec)
-    nan = torch.full_like(trap, NAN)
-    return torch.where(n_p > 0, trap, nan), torch.where(n_p > 0, ap, nan)
-
-
-def _oscr_t(srt: _Sorted, unknown: Tensor, known: Tensor, correct: Tensor) -> Tensor:
-    """Area under CCR(θ) vs FPR(θ), θ = the distinct s = −v in descending order (ascending v)."""
-    cu, cc = srt.cum(unknown), srt.cum(correct & known)
-    n_u = cu[-1]
-    n_k = known.sum()
-    fu, fk = n_u.clamp(min=1).to(F64), n_k.clamp(min=1).to(F64)
-    fpr, ccr = cu[srt.end].to(F64) / fu, cc[srt.end].to(F64) / fk
-    pfpr, pccr = srt.before(cu, srt.start).to(F64) / fu, srt.before(cc, srt.start).to(F64) / fk
-    area = _tree_sum_t(torch.where(srt.is_end & srt.vmask, (fpr - pfpr) * (ccr + pccr) / 2, torch.zeros_like(fpr)))
-    return torch.where((n_u > 0) & (n_k > 0), area, torch.full_like(area, NAN))
-
-
-def _oscr_arpl_t(v: Tensor, unknown: Tensor, known: Tensor, correct: Tensor, valid: Tensor) -> Tensor:
-    """ARPL-lineage OSCR (compat): knowns then unknowns, stable ascending sort on s = −v.
-
-    The concatenation is a stable sort on the group (known 0, unknown 1) before the stable sort on
-    s; a last stable sort moves ignored rows to the end, and their points are set to (0, 0), which
-    sorts last and adds no area. No ``nonzero``: static shapes, no host read."""
-    dev = v.device
-    n = v.numel()
-    o = torch.sort(unknown.to(torch.uint8), stable=True).indices
-    o = o[torch.sort(-v[o], stable=True).indices]
-    o = o[torch.sort((~valid[o]).to(torch.uint8), stable=True).indices]
-    su, sc = unknown[o].long(), (correct & known)[o].long()
-    suf_u = torch.flip(torch.cumsum(torch.flip(su, (0,)), 0), (0,))  # #unknowns at positions >= k
-    suf_c = torch.flip(torch.cumsum(torch.flip(sc, (0,)), 0), (0,))
-    n_u, n_k = unknown.sum(), known.sum()
-    k = torch.arange(max(n - 1, 0), device=dev)
-    inside = k <= valid.sum() - 2  # k = 0 … n_valid − 2
-    zero = torch.zeros(k.numel(), dtype=F64, device=dev)
-    fpr = torch.where(inside, suf_u[k].to(F64) / n_u.clamp(min=1).to(F64), zero)
-    ccr = torch.where(inside, suf_c[k + 1].to(F64) / n_k.clamp(min=1).to(F64), zero)
-    z = torch.zeros(2, dtype=F64, device=dev)
-    fpr = torch.cat([fpr, z, torch.ones(1, dtype=F64, device=dev)])
-    ccr = torch.cat([ccr, z, torch.ones(1, dtype=F64, device=dev)])
-    # sorted(zip(FPR, CCR), reverse=True): lexicographic descending
-    o2 = torch.sort(ccr, descending=True, stable=True).indices
-    o2 = o2[torch.sort(fpr[o2], descending=True, stable=True).indices]
-    f, c = fpr[o2], ccr[o2]
-    area = _tree_sum_t((f[:-1] - f[1:]) * (c[:-1] + c[1:]) / 2)
-    return torch.where((n_u > 0) & (n_k > 0), area, torch.full_like(area, NAN))
+@_cpu_threads
+def _curve_metrics_t(v: Tensor, unknown: Tensor, known: Tensor | None = None, correct: Tensor | None = None,
+                     valid: Tensor | None = None, drop: bool = False) -> dict[str, Tensor]:
+    """Every threshold-free metric of §8.3 from one :class:`_Curves` (one sort), with one tree sum over
+    all per-position terms. ``unknown``, ``known`` (default: the other valid rows) and ``correct`` (known
+    rows with pred_closed = y) must be False on rows with ``valid`` False. Each metric is bit-identical
+    to its own evaluation and unchanged by invalid rows (they add zero terms behind the valid ones)."""
+    if known is None:
+        known = ~unknown if valid is None else valid & ~unknown
+    c = _Curves(v, unknown, known, correct, valid)
+    n = c.n
+    p = 1 << n.bit_length()  # a power of two ≥ n + 1 (more zero padding leaves a tree sum unchanged)
+    # two [3, p] buffers rather than one [6, p]: glibc maps blocks over 32 MB afresh on every call
+    ta = torch.empty(3, p, dtype=F64, device=v.device)  # trapezoids In, Out; OSCR
+    tb = torch.empty(3, p, dtype=F64, device=v.device)  # AP In, Out; ARPL OSCR
+    ta[:, n:] = 0
+    tb[:2, n:] = 0
+    c.pr_terms(ta[0:2, :n], tb[0:2, :n])
+    c.oscr_terms(ta[2, :n])
+    c.oscr_arpl_terms(tb[2])  # writes all p positions
+    sa, sb = _tree_sum_rows(ta), _tree_sum_rows(tb)
+    sums = [sa[0], sa[1], sb[0], sb[1], sa[2], sb[2]]
+    n_u, n_k = c.n_u, c.n_k
+    nan = torch.full((), NAN, dtype=F64, device=v.device)
+    has_k, has_u, both = n_k > 0, n_u > 0, (n_u > 0) & (n_k > 0)
+    return {
+        "auroc": c.auroc(),
+        "fpr95": c.fpr_unknown_pos(19, 20, drop),
+        "fpr95_idpos": c.fpr_known_pos(19, 20),
+        "aupr_in": torch.where(has_k, sums[0], nan),
+        "aupr_out": torch.where(has_u, sums[1], nan),
+        "ap_in": torch.where(has_k, sums[2], nan),
+        "ap_out": torch.where(has_u, sums[3], nan),
+        "oscr": torch.where(both, sums[4], nan),
+        "oscr_arpl": torch.where(both, sums[5], nan),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,7 +389,7 @@ def _prep(scores, is_unknown) -> tuple[Tensor, Tensor]:
 def auroc(scores, is_unknown) -> float:
     """AUROC with unknown = positive (= ``roc_auc_score(is_unknown, scores)``); NaN without both kinds."""
     v, u = _prep(scores, is_unknown)
-    return float(_auroc_t(_Sorted(v), u, ~u)) if v.numel() else NAN
+    return float(_Curves(v, u, ~u).auroc()) if v.numel() else NAN
 
 
 def fpr_at_tpr(scores, is_unknown, tpr: float = 0.95, curve: str = "full") -> float:
@@ -312,7 +401,7 @@ def fpr_at_tpr(scores, is_unknown, tpr: float = 0.95, curve: str = "full") -> fl
     if not v.numel():
         return NAN
     num, den = _tpr_fraction(tpr)
-    return float(_fpr_at_tpr_t(_Sorted(v), u, ~u, num, den, drop=curve == "sklearn_drop"))
+    return float(_Curves(v, u, ~u).fpr_unknown_pos(num, den, drop=curve == "sklearn_drop"))
 
 
 def fpr_at_tpr_idpos(scores, is_unknown, tpr: float = 0.95) -> float:
@@ -322,45 +411,45 @@ def fpr_at_tpr_idpos(scores, is_unknown, tpr: float = 0.95) -> float:
     if not v.numel():
         return NAN
     num, den = _tpr_fraction(tpr)
-    return float(_fpr_at_tpr_t(_Sorted(v), ~u, u, num, den, descending=False))
+    return float(_Curves(v, u, ~u).fpr_known_pos(num, den))
 
 
 def aupr_in(scores, is_unknown) -> float:
     """AUPR with known = positive ranked by s = −scores (``auc(recall, precision)``)."""
     v, u = _prep(scores, is_unknown)
-    return float(_aupr_t(_Sorted(v), ~u, u, False)[0]) if v.numel() else NAN
+    return float(_curve_metrics_t(v, u)["aupr_in"]) if v.numel() else NAN
 
 
 def aupr_out(scores, is_unknown) -> float:
     """AUPR with unknown = positive ranked by the scores."""
     v, u = _prep(scores, is_unknown)
-    return float(_aupr_t(_Sorted(v), u, ~u, True)[0]) if v.numel() else NAN
+    return float(_curve_metrics_t(v, u)["aupr_out"]) if v.numel() else NAN
 
 
 def ap_in(scores, is_unknown) -> float:
     """Average precision, known = positive (``average_precision_score(~is_unknown, -scores)``)."""
     v, u = _prep(scores, is_unknown)
-    return float(_aupr_t(_Sorted(v), ~u, u, False)[1]) if v.numel() else NAN
+    return float(_curve_metrics_t(v, u)["ap_in"]) if v.numel() else NAN
 
 
 def ap_out(scores, is_unknown) -> float:
     """Average precision, unknown = positive."""
     v, u = _prep(scores, is_unknown)
-    return float(_aupr_t(_Sorted(v), u, ~u, True)[1]) if v.numel() else NAN
+    return float(_curve_metrics_t(v, u)["ap_out"]) if v.numel() else NAN
 
 
 def oscr(scores, is_unknown, correct) -> float:
     """Area under CCR(θ) vs FPR(θ) (Dhamija et al.); ``correct``: pred_closed == y for known samples."""
     v, u = _prep(scores, is_unknown)
     c = _bool_1d(correct, "correct", v.numel(), v.device)
-    return float(_oscr_t(_Sorted(v), u, ~u, c)) if v.numel() else NAN
+    return float(_curve_metrics_t(v, u, correct=c & ~u)["oscr"]) if v.numel() else NAN
 
 
 def oscr_arpl(scores, is_unknown, correct) -> float:
     """The ARPL-lineage OSCR code (compat; differs from :func:`oscr` on ties, vector F)."""
     v, u = _prep(scores, is_unknown)
     c = _bool_1d(correct, "correct", v.numel(), v.device)
-    return float(_oscr_arpl_t(v, u, ~u, c, torch.ones_like(u))) if v.numel() else NAN
+    return float(_curve_metrics_t(v, u, correct=c & ~u)["oscr_arpl"]) if v.numel() else NAN
 
 
 # --------------------------------------------------------------------------------------------------
@@ -762,9 +851,10 @@ THRESHOLDS = ("auto", "zero", "fixed", "target_otsu", "target_gmm", "ros_mean", 
 # --------------------------------------------------------------------------------------------------
 # one-shot evaluation (the engine's compute, usable alone)
 # --------------------------------------------------------------------------------------------------
-def _threshold_t(rule: str, s: Tensor, valid: Tensor | None, tau: float | None, n_r: int | None) -> Tensor:
-    """τ on the known-ness score s (float64 device 0-d tensor; no host read)."""
-    dev = s.device
+def _threshold_t(rule: str, s: Tensor | None, valid: Tensor, tau: float | None, n_r: int | None) -> Tensor:
+    """τ on the known-ness score s (float64 device 0-d tensor; no host read). ``s`` is not read (and may
+    be None) for the rules ``zero`` and ``fixed``."""
+    dev = valid.device
     if rule == "zero":
         return torch.zeros((), dtype=F64, device=dev)
     if rule == "fixed":
@@ -799,18 +889,18 @@ def _all_metrics_t(v: Tensor, ym: Tensor, yo_unk: Tensor, pc: Tensor, k: int, ta
     the valid rows alone, with no boolean selection and no host read."""
     dev = v.device
     n = v.numel()
-    if valid is None:
+    masked = valid is not None
+    if not masked:
         valid = torch.ones(n, dtype=torch.bool, device=dev)
     n_valid = valid.sum()
     unknown = valid & (ym == k)
-    known = valid & (ym != k)
-    s = -v
-    accept = s.to(F64) >= tau_s  # exact: every float32 value is a float64 value
-    pred_open = torch.where(accept, pc, torch.full_like(pc, k))
+    known = valid ^ unknown
+    accept = v.to(F64) <= -tau_s  # s = −v ≥ τ, exact: every float32 value is a float64 value
+    pred_open = torch.where(accept, pc, k)
     trash = (k + 1) * (k + 1)
-    idx = torch.where(valid, ym * (k + 1) + pred_open, torch.full_like(ym, trash))
-    cm = torch.zeros(trash + 1, dtype=torch.int64, device=dev).scatter_add_(
-        0, idx, torch.ones_like(idx))[:trash].view(k + 1, k + 1)
+    idx = torch.where(valid, ym * (k + 1) + pred_open, trash)
+    ones = torch.ones(1, dtype=torch.int64, device=dev).expand(n)  # a scatter source without an n-row buffer
+    cm = torch.zeros(trash + 1, dtype=torch.int64, device=dev).scatter_add_(0, idx, ones)[:trash].view(k + 1, k + 1)
     rec = _recalls_t(cm)
     os_star_t = _nanmean_t(rec[:-1])
     unk_t = rec[-1]
@@ -823,11 +913,11 @@ def _all_metrics_t(v: Tensor, ym: Tensor, yo_unk: Tensor, pc: Tensor, k: int, ta
     closed = torch.where(n_k > 0, correct.sum().to(F64) / n_k.clamp(min=1).to(F64), nan)
     overall = torch.diagonal(cm).sum().to(F64) / n_valid.clamp(min=1).to(F64)
     if n_unk_classes:
-        ui = torch.where(unknown, yo_unk, torch.full_like(yo_unk, n_unk_classes))
-        hit = torch.zeros(n_unk_classes + 1, dtype=torch.int64, device=dev).scatter_add_(
-            0, ui, (pred_open == k).long())
-        cnt = torch.zeros(n_unk_classes + 1, dtype=torch.int64, device=dev).scatter_add_(0, ui, torch.ones_like(ui))
-        hit, cnt = hit[:-1].to(F64), cnt[:-1].to(F64)
+        # one scatter over (original unknown class, rejected) pairs; the last class slot is the trash
+        ui = torch.where(unknown, 2 * yo_unk + (pred_open == k), 2 * n_unk_classes)
+        pairs = torch.zeros(2 * n_unk_classes + 2, dtype=torch.int64, device=dev).scatter_add_(0, ui, ones)
+        pairs = pairs.view(-1, 2)[:-1]
+        hit, cnt = pairs[:, 1].to(F64), pairs.sum(1).to(F64)
         rate = torch.where(cnt > 0, hit / cnt.clamp(min=1), torch.full_like(cnt, NAN))
         unk_cm = _nanmean_t(rate)
     else:
@@ -836,14 +926,10 @@ def _all_metrics_t(v: Tensor, ym: Tensor, yo_unk: Tensor, pc: Tensor, k: int, ta
              "overall_acc", "auroc", "fpr95", "fpr95_idpos", "aupr_in", "aupr_out", "ap_in", "ap_out", "oscr",
              "oscr_arpl"]
     if n:
-        srt = _Sorted(v, valid)  # the one sort every curve metric shares
-        auc = _auroc_t(srt, unknown, known)
-        fpr = _fpr_at_tpr_t(srt, unknown, known, 19, 20, drop=curve == "sklearn_drop")
-        fpr_id = _fpr_at_tpr_t(srt, known, unknown, 19, 20, descending=False)
-        pr_in, ap_i = _aupr_t(srt, known, unknown, False)
-        pr_out, ap_o = _aupr_t(srt, unknown, known, True)
-        osc = _oscr_t(srt, unknown, known, correct)
-        osc_a = _oscr_arpl_t(v, unknown, known, correct, valid)
+        cv = _curve_metrics_t(v, unknown, known, correct, valid if masked else None, drop=curve == "sklearn_drop")
+        auc, fpr, fpr_id = cv["auroc"], cv["fpr95"], cv["fpr95_idpos"]
+        pr_in, ap_i, pr_out, ap_o = cv["aupr_in"], cv["ap_in"], cv["aupr_out"], cv["ap_out"]
+        osc, osc_a = cv["oscr"], cv["oscr_arpl"]
     else:
         auc = fpr = fpr_id = pr_in = ap_i = pr_out = ap_o = osc = osc_a = nan
     vals = [closed, os_star_t, unk_t, os_t, _harm_t(os_star_t, unk_t), unk_cm, _harm_t(os_star_t, unk_cm),
@@ -851,6 +937,7 @@ def _all_metrics_t(v: Tensor, ym: Tensor, yo_unk: Tensor, pc: Tensor, k: int, ta
     return names, vals, cm
 
 
+@_cpu_threads
 def open_set_metrics(unknown_score, y_merged, pred_closed, num_known: int, *, tau: float = 0.0,
                      y_orig=None, curve: str = "full") -> dict[str, float]:
     """Every metric of §8 at once. Accept iff s = −unknown_score ≥ ``tau``.
@@ -1022,6 +1109,7 @@ class OpenSetEngine:
             return self.threshold
         return "zero" if self._source == "strategy" else "target_otsu"
 
+    @_cpu_threads
     def compute(self) -> dict[str, float]:
         """Every metric (fractions, NaN where undefined); samples with ignored labels do not count.
 
@@ -1033,9 +1121,10 @@ class OpenSetEngine:
         ym = self._ym[:n]
         valid = ym >= 0
         v, yu, pc = self._score[:n], self._yu[:n], self._pc[:n]
-        s = torch.where(valid, -v.to(F64), torch.zeros((), dtype=F64, device=v.device))
         n_valid = valid.sum()
         rule = self._rule()
+        s = None if rule in ("zero", "fixed") else torch.where(valid, -v.to(F64), torch.zeros((), dtype=F64,
+                                                                                              device=v.device))
         tau = _threshold_t(rule, s, valid, self.tau, self.n_r)
         tau = torch.where(n_valid > 0, tau, torch.zeros_like(tau))  # no sample: τ = 0
         names, vals, cm = _all_metrics_t(v, ym, yu, pc, k, tau, self.curve, len(self.unknown_classes), valid=valid)
