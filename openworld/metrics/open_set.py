@@ -266,8 +266,9 @@ class _Curves:
         ce, prev = self.ce, self.prev
         n_k, n_u = self.n_k, self.n_u
         tot = n_k + n_u
-        # in-place ops on a few buffers: fresh multi-MB outputs cost a page fault per 4 KiB on CPU
-        tp_fp, prev_n, tp, prev_tp = torch.empty((4, 2, self.n), dtype=F64, device=ce.device).unbind(0)
+        # in-place ops on a few buffers: fresh multi-MB outputs cost a page fault per 4 KiB on CPU (and glibc
+        # maps blocks over 32 MB afresh on every call, hence four buffers rather than one)
+        tp_fp, prev_n, tp, prev_tp = (torch.empty(2, self.n, dtype=F64, device=ce.device) for _ in range(4))
         torch.add(ce[0], ce[1], out=tp_fp[0])  # In: TP + FP at the point
         torch.add(prev[0], prev[1], out=prev_n[0])  # In: at the previous point
         torch.sub(tot, prev_n[0], out=tp_fp[1])  # Out (descending v): the complements
