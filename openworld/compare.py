@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 # Metrics where lower is better; every other metric is higher-is-better.
-LOWER_IS_BETTER = {"pd", "forgetting", "forgetting_mammoth", "forgetting_first_last", "fpr95", "fpr95_idpos"}
+LOWER_IS_BETTER = {"pd", "forgetting", "forgetting_mammoth", "forgetting_first_last", "fpr95", "fpr95_idpos",
+                   "aurc", "e_aurc", "esd"}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (``[eval_set/]name``) is better; ``esd_<group>`` like ``esd``."""
+    name = metric.split("/")[-1]
+    return name in LOWER_IS_BETTER or name.startswith("esd_")
 SIGNIFICANCE_LEVEL = 0.05
 
 HEADLINES = {
@@ -217,7 +224,7 @@ def compare_table(groups: list[Group], metrics: list[str], std: str = "sample") 
         cells = {label: Cell(*mean_std(list(v.values()), std), n=len(v)) for label, v in values.items()}
         scored = [(label, c.mean) for label, c in cells.items() if c.mean is not None]
         if scored:
-            pick = min if m.split("/")[-1] in LOWER_IS_BETTER else max
+            pick = min if lower_is_better(m) else max
             best_label = pick(scored, key=lambda t: t[1])[0]
             cells[best_label].best = True
             for label, c in cells.items():
@@ -296,7 +303,7 @@ class Comparison:
             f"Values in %, mean ± {STD_LABELS[self.std]} over seeds. `*` best; `†` not significantly different "
             "from the best "
             f"(two-sided paired t-test over common seeds, p ≥ {SIGNIFICANCE_LEVEL}); lower is better for "
-            + ", ".join(sorted(m for m in self.metrics if m.split('/')[-1] in LOWER_IS_BETTER) or ["none shown"])
+            + ", ".join(sorted(m for m in self.metrics if lower_is_better(m)) or ["none shown"])
             + "."
         )
         if self.failed:

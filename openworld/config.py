@@ -105,6 +105,10 @@ class MetricsSection(_Strict):
     hm_rounding: bool = False
     chunk_size: PositiveInt = 100
     topk: list[PositiveInt] = [5]
+    # class distances for the expected squared label distance (esd) of classification eval sets:
+    # "hierarchy" = tree path lengths of the class names split at hierarchy_sep (e.g. Omniglot's alphabets)
+    label_metric: Literal["hierarchy"] | None = None
+    hierarchy_sep: str = Field("/", min_length=1)
 
 
 class Recipe(_Strict):

@@ -38,6 +38,7 @@ from openworld.logging import (
     write_metrics_csv,
 )
 from openworld.metrics import History, NonFiniteError, create_engine, harmonic_mean, mean_ci95
+from openworld.metrics.label_metric import class_paths, hierarchy_distances, reported_value
 from openworld.profiling import NULL_TIMER, PhaseTimer, combine, runs_table, summary_line, to_table
 from openworld.registry import SCENARIOS
 from openworld.scenarios.base import EvalSet, Scenario
@@ -153,9 +154,24 @@ class ResumeMismatchError(ConfigError):
     """``--resume`` found a run directory made with another configuration (one line for the CLI)."""
 
 
+# Keys added after runs were published, with the value that reproduces those runs: left out of the
+# fingerprint while they hold it, so a finished run made before the key existed still resumes (and a run
+# that sets it to anything else is a different configuration).
+FINGERPRINT_LATE_DEFAULTS = {
+    ("metrics", "label_metric"): None,
+    ("metrics", "hierarchy_sep"): "/",
+    ("strategy_params", "round_lr"): None,
+}
+
+
 def config_fingerprint(resolved: dict) -> str:
     """The hash of everything in a run's resolved configuration that can change its numbers."""
-    return stable_hash({k: v for k, v in resolved.items() if k not in FINGERPRINT_IGNORES})
+    kept = {k: v for k, v in resolved.items() if k not in FINGERPRINT_IGNORES}
+    for (section, key), default in FINGERPRINT_LATE_DEFAULTS.items():
+        sub = kept.get(section)
+        if isinstance(sub, dict) and key in sub and sub[key] == default:
+            kept[section] = {k: v for k, v in sub.items() if k != key}
+    return stable_hash(kept)
 
 
 def _config_diff(old: dict, new: dict, limit: int = 3) -> str:
@@ -242,6 +258,8 @@ class Runner:
         self._roc = None  # ROC points of the last open-set evaluation (for plots)
         self._threshold = None  # {"rule", "tau"} of the last open-set evaluation
         self._entry = None  # the strategy entry being run (for error messages)
+        self._label_metrics: dict[tuple, torch.Tensor] = {}  # metrics.label_metric, by class names
+        self._label_metric = None  # the one the current session's classification engines get
         # --profile: per-phase wall time, written per run directory (never part of the configuration,
         # so never of the fingerprint --resume compares); off, the timer is a no-op that never syncs.
         self.profile = profile
@@ -617,6 +635,7 @@ class Runner:
             metrics, confusion, per_class, heads, rocs, diagnostics = {}, {}, {}, {}, {}, {}
             thresholds = {}
             timer.enter("eval")  # metrics and data loading inside are charged to those phases
+            self._label_metric = self._label_metric_of(session, scenario.num_classes)
             for set_name, eval_set in session.eval_sets.items():
                 self._roc, self._threshold = None, None
                 strategy.begin_eval_set(set_name)
@@ -648,7 +667,8 @@ class Runner:
                 "name": session.name,
                 "num_seen_classes": len(session.classes.seen),
                 "new_classes": list(session.classes.new),
-                "metrics": {s: {k: _finite_or_none(v * 100) for k, v in m.items()} for s, m in metrics.items()},
+                "metrics": {s: {k: _finite_or_none(reported_value(k, v)) for k, v in m.items()}
+                            for s, m in metrics.items()},
                 "per_class_acc": {
                     s: [_finite_or_none(v * 100) for v in pc] for s, pc in per_class.items() if pc is not None
                 },
@@ -753,6 +773,21 @@ class Runner:
             f"test-set selection: the session has no eval set named 'test' or 'uniform' "
             f"(it has {', '.join(session.eval_sets)}); use checkpoint 'val' or 'last'")
 
+    def _label_metric_of(self, session, num_classes: int):
+        """``metrics.label_metric`` as a [K, K] tensor for the classification engines (None when unset)."""
+        cfg = self.recipe.metrics
+        if cfg.label_metric is None:
+            return None
+        names = tuple(str(x) for x in session.classes.names)
+        key = (cfg.label_metric, cfg.hierarchy_sep, names)
+        if key not in self._label_metrics:
+            where = "metrics.label_metric 'hierarchy'"
+            if len(names) != num_classes:
+                raise ValueError(f"{where}: the scenario names {len(names)} classes of {num_classes}; it needs a "
+                                 f"name for every class")
+            self._label_metrics[key] = hierarchy_distances(class_paths(names, cfg.hierarchy_sep, where))
+        return self._label_metrics[key]
+
     def _engine(self, eval_set: EvalSet, num_classes: int):
         kwargs = {"num_classes": num_classes, "device": self.device}
         if eval_set.task == "classification":
@@ -761,6 +796,8 @@ class Runner:
                 topk=tuple(self.recipe.metrics.topk),
                 chunk_size=self.recipe.metrics.chunk_size,
             )
+            if self._label_metric is not None:
+                kwargs["label_metric"] = self._label_metric
         kwargs.update({k: v for k, v in eval_set.options.items() if k != "tasks"})
         return create_engine(eval_set.task, **kwargs)
 

@@ -156,7 +156,7 @@ def test_parameters_are_validated(kwargs, message):
 
 
 def test_hierarchy_needs_levelled_names():
-    with pytest.raises(ValueError, match="metric 'hierarchy' needs class names with the separator '/'"):
+    with pytest.raises(ValueError, match="metric 'hierarchy': needs class names with the separator '/'"):
         class_paths(["0", "1", "2"])
 
 

@@ -55,6 +55,7 @@ from .classification import (
     _per_class_t,
     _support_t,
 )
+from .label_metric import check_label_metric
 
 _PACK = 1 << 30  # acc_batch_mean packs the running (valid, correct) counts as valid·2³⁰ + correct
 _MAX_SAMPLES = _PACK  # so the correct count never reaches the valid bits
@@ -113,6 +114,10 @@ class MetricsEngine:
             When both ``base`` and ``novel`` are given, ``hm`` = H(acc_base, acc_novel) is reported
             too (NaN while ``novel`` is empty or has no test sample, e.g. at FSCIL session 0).
         num_samples: optional size of the eval set, to preallocate the batch-mean chunk buffer.
+        label_metric: optional [K, K] distances between classes (``openworld.metrics.label_metric``): adds
+            ``esd`` = mean over samples of d(ŷ, y)² (Roberts et al. 2023) and ``esd_<group>`` over the
+            samples of each group's classes (lower is better; NaN without a sample, or when a prediction
+            falls outside 0…K-1, where no distance is defined). Read from the counts at compute().
 
     Typical use::
 
@@ -132,6 +137,7 @@ class MetricsEngine:
         chunk_size: int | None = 100,
         groups: Mapping[str, Sequence[int]] | None = None,
         num_samples: int | None = None,
+        label_metric=None,
     ):
         k = int(num_classes)
         if k <= 0:
@@ -183,6 +189,10 @@ class MetricsEngine:
             self._gmask = torch.stack([_class_mask(cls, k, dev) for cls in self.groups.values()])
         else:
             self._gmask = torch.zeros(0, k, dtype=torch.float64, device=dev)
+        self._d2: torch.Tensor | None = None
+        if label_metric is not None:
+            d = check_label_metric(label_metric, k)
+            self._d2 = d.pow(2).to(dev)
         self._fast_dev = self.device  # device of inputs that need no move (set from the first moved input)
         self._offset = 0  # samples seen, from batch shapes (host int; padding included)
         self._batch_mean_ok = True
@@ -420,6 +430,8 @@ class MetricsEngine:
         names += [f"acc_{g}" for g in self.groups]
         if self._has_hm:
             names.append("hm")
+        if self._d2 is not None:
+            names += ["esd"] + [f"esd_{g}" for g in self.groups]
         return names
 
     def compute(self) -> dict[str, float]:
@@ -445,12 +457,27 @@ class MetricsEngine:
             if self._has_hm:
                 names = list(self.groups)
                 vals.append(_harmonic_t(gvals[names.index("base")], gvals[names.index("novel")]))
+        if self._d2 is not None:
+            vals += list(self._esd_t(cmx, support).unbind())
         vals.append(n)
         vals += list(counts[self._nk :].unbind())
         host = torch.stack([v.to(device=self.device, dtype=f64) for v in vals]).cpu().tolist()
         self._raise_nonfinite(host.pop(-2), host.pop())
         self.num_samples = int(host.pop())
         return dict(zip(self.metric_names(), host))
+
+    def _esd_t(self, cmx: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        """[1 + G] float64: ESD over all samples, then over each group's rows (NaN: no sample, or a row
+        with an out-of-range prediction, which has no distance)."""
+        f64 = torch.float64
+        k = self.num_classes
+        sq = (cmx[:, :k].to(f64) * self._d2).sum(1)  # per true class: Σ_ŷ C[y, ŷ]·d(y, ŷ)²
+        outside = (cmx[:, k] > 0).to(f64)
+        sup = support.to(f64)
+        rows = torch.cat([torch.ones(1, k, dtype=f64, device=sq.device), (self._gmask > 0).to(f64)])
+        num, den, bad = rows @ sq, rows @ sup, rows @ outside
+        nan = torch.full_like(num, math.nan)
+        return torch.where((den > 0) & (bad == 0), num / den.clamp(min=1), nan)
 
     def _nonfinite_t(self) -> torch.Tensor:
         """int64 [2] on the device: (rows with unusable logits, rows checked). Append it to the values

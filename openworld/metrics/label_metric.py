@@ -6,12 +6,15 @@ A label metric d is a [K, K] matrix of distances between class ids (d(i, i) = 0,
   class given by its path from the root (e.g. ``("Greek", "character03")``, or CIFAR-100's
   ``(superclass, class)``): d(i, j) = |p_i| + |p_j| − 2·|lcp(p_i, p_j)| (lcp = longest common prefix), which is
   what ``networkx.shortest_path_length`` gives on the tree ``root → p[0] → p[0]/p[1] → …``;
+  (:func:`class_paths` splits class names such as ``"Greek/character03"`` into such paths);
 * :func:`euclidean_distances`: ‖e_i − e_j‖₂ between class embeddings (class prototypes, text embeddings).
 
 The evaluation measure (Roberts et al., NeurIPS 2023, §5) is the expected squared distance between the
 prediction and the true label, ESD = (1/N) Σ_n d(ŷ_n, y_n)²: from predictions
 (:func:`expected_squared_distance`) or from a confusion matrix (:func:`expected_squared_distance_from_confusion`,
 rows = true class, as the metrics engine stores it), which gives the same number without the samples.
+The classification engine reports it as ``esd`` when its eval set has a label metric
+(``MetricsEngine(label_metric=…)``; recipes: ``metrics.label_metric``).
 Pure torch functions, float64.
 """
 
@@ -55,6 +58,17 @@ def hierarchy_distances(paths: Sequence[Sequence[str]]) -> Tensor:
     return (lengths[:, None] + lengths[None, :] - 2 * lcp).to(torch.float64)
 
 
+def class_paths(names, sep: str = "/", where: str = "label metric 'hierarchy'") -> list[tuple[str, ...]]:
+    """Root-to-leaf paths of the class names: ``"Greek/character03"`` → ``("Greek", "character03")``."""
+    paths = [tuple(str(n).split(sep)) for n in names]
+    if not paths or all(len(p) == 1 for p in paths):
+        raise ValueError(
+            f"{where}: needs class names with the separator {sep!r} (e.g. Omniglot's "
+            f"'<alphabet>/<character>'); got {[str(n) for n in list(names)[:3]]}"
+        )
+    return paths
+
+
 def euclidean_distances(embeddings: Tensor) -> Tensor:
     """‖e_i − e_j‖₂ [K, K] (float64) between the rows of ``embeddings`` [K, d]; exactly 0 on the diagonal."""
     e = embeddings.detach().to(torch.float64)
@@ -68,6 +82,25 @@ def _check_metric(dist: Tensor, where: str) -> Tensor:
     if dist.ndim != 2 or dist.shape[0] != dist.shape[1]:
         raise ValueError(f"{where}: the label metric must be a square [K, K] matrix, got {tuple(dist.shape)}")
     return dist.to(torch.float64)
+
+
+def reported_value(name: str, value: float) -> float:
+    """A metric as results.json, TensorBoard and tables store it: fractions ×100 (metrics.md "Units"); the
+    expected squared distances (``esd``, ``esd_<group>``) are in squared label-metric units and stay as they are."""
+    return value if name == "esd" or name.startswith("esd_") else value * 100
+
+
+def check_label_metric(dist, num_classes: int, where: str = "label_metric") -> Tensor:
+    """``dist`` as a float64 [K, K] tensor (CPU), checked: finite, ≥ 0, symmetric, zero diagonal."""
+    d = torch.as_tensor(dist, dtype=torch.float64).cpu()
+    k = int(num_classes)
+    if d.shape != (k, k):
+        raise ValueError(f"{where}: must be a [{k}, {k}] matrix of class distances, got shape {tuple(d.shape)}")
+    if not bool(torch.isfinite(d).all()) or bool((d < 0).any()):
+        raise ValueError(f"{where}: distances must be finite and ≥ 0")
+    if bool((torch.diagonal(d) != 0).any()) or not torch.equal(d, d.T):
+        raise ValueError(f"{where}: must be symmetric with a zero diagonal (d(i, i) = 0, d(i, j) = d(j, i))")
+    return d
 
 
 def expected_squared_distance(pred: Tensor, target: Tensor, dist: Tensor) -> Tensor:

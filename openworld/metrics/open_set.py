@@ -22,6 +22,10 @@ eval set declares its open-set layout — ``EvalSet(task="open_set", options={..
 * ``threshold``: how known/unknown is decided (see :data:`THRESHOLDS`); ``curve``:
   ``"full"`` (default) or ``"sklearn_drop"`` (OpenOOD parity for ``fpr95``); ``detector`` (used only
   when the strategy gives no unknown score): ``"msp"`` or ``"energy"``; ``num_samples`` to preallocate.
+
+Besides §8 the engine reports selective classification (:mod:`openworld.metrics.selective`) with confidence
+−unknown_score and "correct" = a known sample whose closed prediction is right (an unknown is never right):
+``aurc``, ``e_aurc`` (lower is better) and ``acc@cov0.5``/``0.8``/``0.9``/``0.95``, from the curves' own sort.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ __all__ = [
 
 F64 = torch.float64
 NAN = math.nan
+# selective classification over confidence −unknown_score (metrics/selective.py): accuracy at these coverages
+SELECTIVE_COVERAGES = tuple(Fraction(c) for c in ("1/2", "4/5", "9/10", "19/20"))
+SELECTIVE_NAMES = ("aurc", "e_aurc", "acc@cov0.5", "acc@cov0.8", "acc@cov0.9", "acc@cov0.95")
 
 CPU_THREADS: int | None = 1
 """Intra-op threads for the metric computations on CPU tensors (``None``: torch's own setting).
@@ -340,9 +347,48 @@ class _Curves:
         torch.gather(t, 0, (self.nv - j).clamp(min=0), out=out)
 
 
+    def selective(self, coverages: Sequence[Fraction]) -> list[Tensor]:
+        """AURC, E-AURC and accuracy at each coverage (``openworld.metrics.selective``) from this sort.
+
+        Confidence = −v, so acceptance order = ascending v, the order of this sort. With b = valid rows before
+        a position's tie group, e = rows up to its end, and c_b, c_e the correct counts there, the tie-averaged
+        error count among the first k is E_k = (b − c_b) + (k − b)·g/(e − b) with g = (e − b) − (c_e − c_b) the
+        group's errors (exact at group ends). The group-end counts are read by a reversed running min of the
+        end-masked counts (both are nondecreasing)."""
+        n, dev = self.n, self.is_end.device
+        nv = self.nv.to(F64)
+        k = torch.arange(1, n + 1, dtype=F64, device=dev)
+        b = self.prev[0] + self.prev[1]
+        c_b = self.prev[2]
+        at_end = torch.where(self.is_end, torch.stack([k, self.cum[2]]), math.inf)
+        e, c_e = torch.cummin(at_end.flip(1), 1).values.flip(1).unbind(0)
+        size = e - b
+        g = size - (c_e - c_b)
+        err = (b - c_b).add_((k - b).mul_(g).div_(size))  # E_k; size ≥ 1 everywhere
+        inside = k <= nv
+        risk = torch.where(inside, err / k, torch.zeros((), dtype=F64, device=dev))
+        r = nv - self.tot[2]  # errors in all: unknowns and wrong knowns
+        oracle = torch.where(inside, (k - (nv - r)).clamp_(min=0).div_(k), torch.zeros((), dtype=F64, device=dev))
+        p = 1 << n.bit_length()
+        terms = torch.zeros(2, p, dtype=F64, device=dev)
+        terms[0, :n], terms[1, :n] = risk, oracle
+        sums = _tree_sum_rows(terms)
+        has = nv > 0
+        den = nv.clamp(min=1)
+        nan = torch.full((), NAN, dtype=F64, device=dev)
+        aurc_t = torch.where(has, sums[0] / den, nan)
+        out = [aurc_t, torch.where(has, (sums[0] - sums[1]) / den, nan)]
+        nvl = self.nv.long()
+        for cov in coverages:  # m = ⌈c·n_valid⌉ in integers: c = 0.3 with 10 samples accepts exactly 3
+            m = ((cov.numerator * nvl + cov.denominator - 1) // cov.denominator).clamp(min=1)
+            idx = (m - 1).clamp(max=n - 1)
+            out.append(torch.where(has, 1 - _at(err, idx) / m.to(F64), nan))
+        return out
+
+
 @_cpu_threads
 def _curve_metrics_t(v: Tensor, unknown: Tensor, known: Tensor | None = None, correct: Tensor | None = None,
-                     valid: Tensor | None = None, drop: bool = False) -> dict[str, Tensor]:
+                     valid: Tensor | None = None, drop: bool = False, selective: bool = False) -> dict[str, Tensor]:
     """Every threshold-free metric of §8.3 from one :class:`_Curves` (one sort), with one tree sum over
     all per-position terms. ``unknown``, ``known`` (default: the other valid rows) and ``correct`` (known
     rows with pred_closed = y) must be False on rows with ``valid`` False. Each metric is bit-identical
@@ -365,7 +411,7 @@ def _curve_metrics_t(v: Tensor, unknown: Tensor, known: Tensor | None = None, co
     n_u, n_k = c.n_u, c.n_k
     nan = torch.full((), NAN, dtype=F64, device=v.device)
     has_k, has_u, both = n_k > 0, n_u > 0, (n_u > 0) & (n_k > 0)
-    return {
+    out = {
         "auroc": c.auroc(),
         "fpr95": c.fpr_unknown_pos(19, 20, drop),
         "fpr95_idpos": c.fpr_known_pos(19, 20),
@@ -376,6 +422,9 @@ def _curve_metrics_t(v: Tensor, unknown: Tensor, known: Tensor | None = None, co
         "oscr": torch.where(both, sums[4], nan),
         "oscr_arpl": torch.where(both, sums[5], nan),
     }
+    if selective:
+        out.update(zip(SELECTIVE_NAMES, c.selective(SELECTIVE_COVERAGES)))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -925,16 +974,19 @@ def _all_metrics_t(v: Tensor, ym: Tensor, yo_unk: Tensor, pc: Tensor, k: int, ta
         unk_cm = nan
     names = ["closed_acc", "os_star", "unk", "os", "hos", "unk_classmean", "hos_classmean", "h_instance",
              "overall_acc", "auroc", "fpr95", "fpr95_idpos", "aupr_in", "aupr_out", "ap_in", "ap_out", "oscr",
-             "oscr_arpl"]
+             "oscr_arpl", *SELECTIVE_NAMES]
     if n:
-        cv = _curve_metrics_t(v, unknown, known, correct, valid if masked else None, drop=curve == "sklearn_drop")
+        cv = _curve_metrics_t(v, unknown, known, correct, valid if masked else None, drop=curve == "sklearn_drop",
+                              selective=True)
         auc, fpr, fpr_id = cv["auroc"], cv["fpr95"], cv["fpr95_idpos"]
         pr_in, ap_i, pr_out, ap_o = cv["aupr_in"], cv["ap_in"], cv["aupr_out"], cv["ap_out"]
         osc, osc_a = cv["oscr"], cv["oscr_arpl"]
+        sel = [cv[x] for x in SELECTIVE_NAMES]
     else:
         auc = fpr = fpr_id = pr_in = ap_i = pr_out = ap_o = osc = osc_a = nan
+        sel = [nan] * len(SELECTIVE_NAMES)
     vals = [closed, os_star_t, unk_t, os_t, _harm_t(os_star_t, unk_t), unk_cm, _harm_t(os_star_t, unk_cm),
-            _harm_t(acc_k, unk_t), overall, auc, fpr, fpr_id, pr_in, pr_out, ap_i, ap_o, osc, osc_a]
+            _harm_t(acc_k, unk_t), overall, auc, fpr, fpr_id, pr_in, pr_out, ap_i, ap_o, osc, osc_a, *sel]
     return names, vals, cm
 
 

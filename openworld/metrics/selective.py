@@ -18,7 +18,8 @@ Every value above is then independent of how the input orders tied samples. The 
 (:func:`risk_coverage_curve`) has one point per distinct confidence (the realisable thresholds), where E_k is
 exact. Everything is float64 torch on the input's device; no host loop. Empty input gives NaN.
 
-The engine does not compute these yet; see the module's exposure note in docs/methods/sdm.md.
+These are the reference definitions: the ``open_set`` engine reports ``aurc``, ``e_aurc`` and ``acc@cov<c>`` from
+its own shared sort (``openworld.metrics.open_set._Curves.selective``), equal to these functions.
 """
 
 from __future__ import annotations

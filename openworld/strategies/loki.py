@@ -45,6 +45,7 @@ from torch import Tensor
 
 from openworld.data.views import batches
 from openworld.metrics.label_metric import (
+    class_paths,
     euclidean_distances,
     expected_squared_distance_from_confusion,
     hierarchy_distances,
@@ -65,17 +66,6 @@ def frechet_scores(probs: Tensor, sq_dist: Tensor) -> Tensor:
     if probs.shape[-1] != sq_dist.shape[0]:
         raise ValueError(f"frechet_scores: {probs.shape[-1]} probabilities for {sq_dist.shape[0]} metric rows")
     return -(probs.to(torch.float64) @ sq_dist.to(device=probs.device, dtype=torch.float64))
-
-
-def class_paths(names, sep: str = "/") -> list[tuple[str, ...]]:
-    """Root-to-leaf paths of the class names: ``"Greek/character03"`` → ``("Greek", "character03")``."""
-    paths = [tuple(str(n).split(sep)) for n in names]
-    if not paths or all(len(p) == 1 for p in paths):
-        raise ValueError(
-            f"loki: metric 'hierarchy' needs class names with the separator {sep!r} (e.g. Omniglot's "
-            f"'<alphabet>/<character>'); got {[str(n) for n in list(names)[:3]]}"
-        )
-    return paths
 
 
 def _fingerprint(module: torch.nn.Module) -> str:
@@ -180,13 +170,15 @@ class Loki(Strategy):
             self.prototypes[new] = means.to(torch.float64)
             self.has_proto[new] = True
         if self.tree is None and self._has_paths(session.classes.names):  # stored for the ESD of every decode
-            self.tree = hierarchy_distances(class_paths(session.classes.names, self.hierarchy_sep)).to(self.ctx.device)
+            paths = class_paths(session.classes.names, self.hierarchy_sep, "loki: metric 'hierarchy'")
+            self.tree = hierarchy_distances(paths).to(self.ctx.device)
         if self.metric == "prototypes":
             self.dist = euclidean_distances(self.prototypes)  # rows without a prototype are never used
             num_candidates = self.num_seen
         else:
             if self.tree is None:
-                class_paths(session.classes.names, self.hierarchy_sep)  # raises, naming the separator
+                # raises, naming the separator
+                class_paths(session.classes.names, self.hierarchy_sep, "loki: metric 'hierarchy'")
             self.dist = self.tree
             num_candidates = k
         self.sq = self.dist[: self.num_observed, :num_candidates].pow(2)
