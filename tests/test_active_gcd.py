@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import openworld.scenarios.active_gcd  # noqa: F401 (registers the scenario until the entry point exists)
 import openworld.strategies.active_gcd  # noqa: F401
@@ -23,6 +24,7 @@ from openworld.strategies.active_gcd import (
     adaptive_novel_margin_select,
     entropy_select,
     random_select,
+    round_lr_schedule,
     stable_label_mapping,
 )
 
@@ -231,3 +233,59 @@ def test_queried_labels_improve_discovery_on_digits(tmp_path, one_thread):
     # round 0 is the same SimGCD for both (same seed): only the selection differs afterwards
     assert runs["active_gcd"]["sessions"][0]["metrics"] == runs["active_gcd_random"]["sessions"][0]["metrics"]
     assert runs["active_gcd"]["sessions"][1]["queries"] != runs["active_gcd_random"]["sessions"][1]["queries"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-round learning rate (round_lr)
+# ------------------------------------------------------------------------------------------------
+def test_round_lr_schedule_by_hand():
+    # cosine over the epochs of a round, from the round's lr towards 1e-3 of it (stepped per epoch)
+    assert round_lr_schedule(0.1, 1e-3, 1) == [0.1]
+    two = round_lr_schedule(0.01, 1e-3, 2)
+    assert two[0] == 0.01 and two[1] == pytest.approx(1e-5 + (0.01 - 1e-5) / 2, rel=1e-12)  # 0.005005
+    four = round_lr_schedule(0.1, 1e-3, 4)
+    assert four == pytest.approx([0.1, 1e-4 + 0.0999 * (1 + 2**-0.5) / 2, 0.05005, 1e-4 + 0.0999 * (1 - 2**-0.5) / 2],
+                                 rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, -0.01, float("nan"), float("inf"), "0.01", True])
+def test_round_lr_is_validated(bad, tmp_path):
+    with pytest.raises(ValueError, match="round_lr must be a finite float > 0"):
+        ActiveGCD(round_lr=bad)
+    recipe = {**RECIPE, "strategies": {"active_gcd": {**FAST, "round_lr": bad}}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=r"strategies\.active_gcd\.round_lr"):
+        load_recipe(path)
+
+
+def test_round_lr_defaults_to_lr_and_reaches_the_optimiser(tmp_path, monkeypatch, one_thread):
+    assert ActiveGCD().round_lr is None and ActiveGCD(round_lr=0.01).round_lr == 0.01
+    seen: list[tuple[int, list[float]]] = []
+    in_round = []
+    original = ActiveGCD._train_round
+
+    def spying_round(self, session, r):
+        in_round.append(r)
+        try:
+            return original(self, session, r)
+        finally:
+            in_round.pop()
+
+    def pre_step(opt, args, kwargs):  # the lr each SGD step of a query round really uses
+        if in_round:
+            seen.append((in_round[-1], sorted({g["lr"] for g in opt.param_groups})))
+
+    monkeypatch.setattr(ActiveGCD, "_train_round", spying_round)
+    handle = register_optimizer_step_pre_hook(pre_step)
+    try:
+        params = {**FAST, "round_epochs": 2, "round_lr": 0.01}
+        (run,) = run_recipe(tmp_path, ["active_gcd"], {**RECIPE, "strategies": {"active_gcd": params}})
+    finally:
+        handle.remove()
+    assert run.status == "finished"
+    for r in (1, 2):
+        lrs = [lr for rr, lr in seen if rr == r]
+        assert all(len(lr) == 1 for lr in lrs)  # both parameter groups share the lr
+        assert sorted({lr[0] for lr in lrs}) == sorted(round_lr_schedule(0.01, 1e-3, 2))  # not the round-0 lr 0.1
+        assert lrs[0] == [0.01] and lrs[-1] == [round_lr_schedule(0.01, 1e-3, 2)[1]]

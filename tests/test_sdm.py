@@ -229,3 +229,49 @@ def test_digits_end_to_end_label_stripped(tmp_path, monkeypatch):
     assert m["sdm_calibrated"]["auroc"] > 75, m
     # the SDM region is selective: it rejects most unknowns and keeps a part of the knowns
     assert m["sdm"]["unk"] > 50 and m["sdm"]["os_star"] > 30, m["sdm"]
+
+
+@pytest.mark.parametrize("params", [{}, {"score": "calibrated", "threshold": "source_quantile"}])
+def test_state_dict_round_trip_through_torch_save_weights_only(params, tmp_path):
+    """The checkpoint path (runner: ``torch.save`` of ``state_dict()``, ``torch.load(weights_only=True)``) gives a
+    fresh strategy, without refitting, bit-identical logits and unknown scores on new inputs."""
+    from openworld.scenarios.open_set import OpenSetScenario
+    from openworld.strategies.base import OptimizerConfig, RunContext, TrainConfig
+
+    scenario = OpenSetScenario(data={"source": "digits"}, known_classes=6, unknown_classes=[6, 7, 8, 9])
+
+    def ctx():  # a fresh memo each time: the reloaded strategy cannot reuse the cached source model
+        return RunContext(
+            device=torch.device("cpu"), seed=0,
+            scenario={"kind": "open_set", "num_classes": scenario.num_classes, "input_shape": scenario.input_shape,
+                      "num_sessions": 1, "fingerprint": "test"},
+            backbone={"name": "mlp", "hidden": [64], "out_features": 32},
+            base=TrainConfig(epochs=4, batch_size=64, optimizer=OptimizerConfig("adam", 1e-2, 0.0, False, 0.0),
+                             schedule="constant", selection="last"),
+            progress=False, memo={},
+        )
+
+    det = S.SDM(k=50, **params)
+    det.setup(ctx())
+    session = scenario.session(0)
+    det.ctx.start_session(0)
+    det.learn(session.visible())
+    path = tmp_path / "sdm.pt"
+    torch.save({"strategy": det.state_dict()}, path)
+    state = torch.load(path, map_location="cpu", weights_only=True)["strategy"]
+    fresh = S.SDM(k=50, **params)
+    fresh.setup(ctx())
+    fresh.load_state_dict(state)
+    target = session.eval_sets["target"].data  # inputs the detector was not fitted on
+    xb = target.transforms.test(target.x)
+    a, b = det.predict(xb), fresh.predict(xb)
+    assert torch.equal(a.logits, b.logits)
+    assert a.unknown_score.dtype == torch.float64 and torch.equal(a.unknown_score, b.unknown_score)
+    assert fresh.tau_ == det.tau_ and fresh.stats["b_star"] == det.stats["b_star"]
+    # the SDM intermediates too; the scores spread and the region decides both ways (the comparison is not vacuous)
+    fa = S.sdm_predict(det.stats, det._features(xb), det._logits(xb))
+    fb = S.sdm_predict(fresh.stats, fresh._features(xb), fresh._logits(xb))
+    for key in fa:
+        assert torch.equal(fa[key], fb[key]), key
+    assert len(torch.unique(a.unknown_score)) > 10
+    assert 0 < int(fa["accepted"].sum()) < len(xb)

@@ -6,7 +6,8 @@ Runs on the ``active_gcd`` scenario (:mod:`openworld.scenarios.active_gcd`): rou
 1. scores the not-yet-queried rows of D_U with the student: ``p = softmax(z / T)`` (T = ``logits_temp``);
 2. selects b rows (b = the round's budget) with the strategy's rule and asks their labels through
    ``session.info["label_query"]`` (the only label path);
-3. trains ``round_epochs`` epochs from the current weights (fresh SGD, cosine to ``1e-3·lr``), each epoch
+3. trains ``round_epochs`` epochs from the current weights (fresh SGD starting at ``round_lr``, default the
+   round-0 ``lr`` as in the official code, cosine to ``lr_min_factor·round_lr``), each epoch
    (a) one SimGCD epoch on D_L ∪ D_U (queried rows stay unlabelled there, as in the official loop), then
    (b) the *stable label mapping* on the EMA model (:func:`stable_label_mapping` on D_L ∪ every queried row)
    and one epoch over the queried rows: ``al_weight·λ·(al_cls_weight·CE(z/τ_s, map(y)) + al_supcon_weight·
@@ -31,11 +32,12 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field, Strict
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -45,6 +47,8 @@ from openworld.strategies.base import NonFiniteLossError
 from openworld.strategies.simgcd import SimGCD, balanced_train_draw, supcon_loss, two_view_batches
 
 SELECTIONS = ("adaptive", "entropy", "random")
+# a finite float > 0 (an int is accepted); recipe validation reads the annotation
+PosFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,6 +111,13 @@ def stable_label_mapping(preds: Tensor, targets: Tensor, num_classes: int) -> Te
     return mapping.to(preds.device)
 
 
+def round_lr_schedule(base_lr: float, min_factor: float, epochs: int) -> list[float]:
+    """Per-epoch lr of one query round: cosine from ``base_lr`` (epoch 0) towards ``min_factor·base_lr``, i.e.
+    ``CosineAnnealingLR(T_max=epochs)`` stepped once per epoch (the official loop steps it twice: card)."""
+    lr_min = base_lr * min_factor
+    return [lr_min + (base_lr - lr_min) * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(int(epochs))]
+
+
 def _with_targets(data, rows: Tensor, labels: Tensor):
     sub = data.subset(rows.cpu())
     if isinstance(sub, TensorData):
@@ -127,6 +138,8 @@ class ActiveGCD(SimGCD):
     uncertain-first order (official default 2). round_epochs: epochs per query round. al_batch_size: batch
     of the queried-rows epoch (no drop_last). al_weight, al_cls_weight, al_supcon_weight: its loss weights.
     logits_temp: T of the selection probabilities. ema_decay: EMA of the model used for the mapping.
+    round_lr: the lr each query round restarts SGD at (cosine to ``lr_min_factor·round_lr``); None = ``lr``
+    (the official setting).
     """
 
     name = "active_gcd"
@@ -144,6 +157,7 @@ class ActiveGCD(SimGCD):
         al_supcon_weight: float = 1.0,
         logits_temp: float = 0.1,
         ema_decay: float = 0.9,
+        round_lr: PosFloat | None = None,
         epochs: int = 200,
         batch_size: int = 128,
         lr: float = 0.1,
@@ -185,6 +199,11 @@ class ActiveGCD(SimGCD):
         self.al_supcon_weight = al_supcon_weight
         self.logits_temp = logits_temp
         self.ema_decay = ema_decay
+        if round_lr is not None and (
+            isinstance(round_lr, bool) or not isinstance(round_lr, (int, float)) or not 0 < round_lr < math.inf
+        ):
+            raise ValueError(f"{self.name}: round_lr must be a finite float > 0 or null (= lr), got {round_lr!r}")
+        self.round_lr = round_lr
 
     def _selection(self) -> str:
         if self.selection not in SELECTIONS:
@@ -269,21 +288,22 @@ class ActiveGCD(SimGCD):
         ctx, device = self.ctx, self.ctx.device
         queried = _with_targets(session.unlabeled, self.queried_rows, self.queried_labels)
         mapping_data = concat([session.labeled, queried]) if session.labeled is not None else queried
+        base_lr = float(self.lr if self.round_lr is None else self.round_lr)
         decay, no_decay = [], []
         for p in self.model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
         opt = torch.optim.SGD(
             [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            lr=base_lr, momentum=self.momentum, weight_decay=self.weight_decay,
         )
         data, weights, n_draw = balanced_train_draw(session.labeled, session.unlabeled, self.batch_size, self.name)
         gen = torch.Generator().manual_seed(ctx.derive_seed("active-gcd-round", r))
-        lam, lr_min = self.sup_weight, self.lr * self.lr_min_factor
+        lam, lrs = self.sup_weight, round_lr_schedule(base_lr, self.lr_min_factor, self.round_epochs)
         tau_t = float(self.teacher_temp_end)  # the official rounds start from a trained model: no warm-up
         step = 0
         for epoch in range(self.round_epochs):
-            lr = lr_min + (self.lr - lr_min) * (1 + math.cos(math.pi * epoch / self.round_epochs)) / 2
+            lr = lrs[epoch]
             for g in opt.param_groups:
                 g["lr"] = lr
             finite = torch.ones((), dtype=torch.bool, device=device)
