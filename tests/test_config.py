@@ -77,6 +77,8 @@ def test_paper_protocol_sets_released_values(tmp_path):
         ("seeds=[]", "seeds = []"),
         ("base.epochs=0", "base.epochs = 0: Input should be greater than 0"),
         ("scenario.data.augment=ovorr", "scenario.data.augment = 'ovorr': unknown augmentation; allowed: "),
+        ("metrics.label_metric=tree", "metrics.label_metric = 'tree': Input should be 'hierarchy'"),
+        ("metrics.chunk_size=0", "metrics.chunk_size = 0"),
     ],
 )
 def test_invalid_recipes_name_the_key(override, expected):
@@ -152,3 +154,11 @@ def test_every_shipped_recipe_validates_and_constructs(path):
     for entry in recipe.strategies:
         strategy = recipe.strategy_class(entry)(**recipe.strategy_params(entry))
         assert set(recipe.strategy_params(entry)) <= set(strategy.get_params()), entry
+
+
+def test_chunk_size_null_drops_batch_mean_and_conflicts_with_batch_mean_accuracy():
+    recipe = load_recipe(QUICKSTART, ["metrics.chunk_size=null"])
+    assert recipe.metrics.chunk_size is None
+    with pytest.raises(ConfigError, match=r"^metrics.chunk_size: null leaves no acc_batch_mean for "
+                                          r"metrics.session_acc = 'batch_mean'"):
+        load_recipe(QUICKSTART, ["metrics.chunk_size=null", "metrics.session_acc=batch_mean"])
