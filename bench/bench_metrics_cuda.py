@@ -28,6 +28,21 @@ def _stream(eng, p, y, z, batch):
         eng.update(p[i : i + batch], y[i : i + batch], logits=None if z is None else z[i : i + batch])
 
 
+def _without_sync(what: str, fn) -> bool:
+    """Run ``fn`` under ``set_sync_debug_mode("error")``; print and return whether it made no host sync."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        print(f"{what} under set_sync_debug_mode('error'): no sync (met)")
+        return True
+    except RuntimeError as exc:
+        print(f"{what} under set_sync_debug_mode('error'): SYNC FOUND (missed): {exc}")
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -75,34 +90,20 @@ def main(argv=None) -> int:
     nz = min(n, 100_000)
     z = torch.randn(nz, k, generator=g).to(dev)
     eng = MetricsEngine(k, dev, groups=groups, num_samples=nz)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        _stream(eng, pc[:nz], yc[:nz], None, b)
-        _stream(eng, pc[:nz], yc[:nz], z, b)
-        print("update under set_sync_debug_mode('error'): no sync (met)")
-    except RuntimeError as exc:
-        print(f"update under set_sync_debug_mode('error'): SYNC FOUND (missed): {exc}")
-        bad += 1
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    bad += not _without_sync("update", lambda: (_stream(eng, pc[:nz], yc[:nz], None, b),
+                                                _stream(eng, pc[:nz], yc[:nz], z, b)))
     # 3. open set: observe without sync, compute timed
     s = torch.randn(n, generator=g).to(dev)
     zk = torch.randn(b, 10, generator=g).to(dev)
     yo = torch.randint(-1, 10, (n,), generator=g).to(dev)
     osd = create_engine("open_set", num_classes=10, device=dev, known_classes=list(range(6)), num_samples=n)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+
+    def observe_all():
         for i in range(0, n, b):
             m = min(b, n - i)
             osd.observe(zk[:m], yo[i : i + m], s[i : i + m])
-        print("open-set observe under set_sync_debug_mode('error'): no sync (met)")
-    except RuntimeError as exc:
-        print(f"open-set observe under set_sync_debug_mode('error'): SYNC FOUND (missed): {exc}")
-        bad += 1
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+
+    bad += not _without_sync("open-set observe", observe_all)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     out = osd.compute()

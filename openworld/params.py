@@ -23,6 +23,7 @@ Seed32 = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]  # numpy RandomStat
 Bool = Annotated[bool, Strict()]
 Number = Annotated[float, Strict()]  # an int or a float (not a string, not a bool)
 OpenUnit = Annotated[float, Strict(), Field(gt=0, lt=1)]  # (0, 1)
+PosFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]  # a finite number > 0 (an int too)
 
 
 def param_error(key: str, value: Any, allowed: str) -> ConfigError:

@@ -32,23 +32,21 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Annotated, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, Strict
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from openworld.data.views import FileData, TensorData, batches
+from openworld.params import PosFloat
 from openworld.registry import register_strategy
 from openworld.strategies.base import NonFiniteLossError
 from openworld.strategies.simgcd import SimGCD, balanced_train_draw, supcon_loss, two_view_batches
 
 SELECTIONS = ("adaptive", "entropy", "random")
-# a finite float > 0 (an int is accepted); recipe validation reads the annotation
-PosFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 
 
 # ------------------------------------------------------------------------------------------------
